@@ -1,0 +1,170 @@
+# Rollouts for VL-DAC (arXiv 2508.04280): num_envs TextEnvs advance in lockstep, one batched generate
+# and one batched scoring forward per env step. No training logic here; vldac.py owns the update.
+"""What one env step stores, so that the update never runs the processor again:
+
+    input_ids, mm_token_type_ids (P_i,)   the prompt exactly as generate() saw it, padding stripped
+    pixel_values (patches_i, D), image_grid_thw (K, 3)
+    response_ids, logprobs, ref_logprobs (R_i,)   generated tokens through the first end-of-turn token
+    value, reward, terminated, truncated, bootstrap_value   (scalars, in (T, N) tensors)
+
+`collate` pads a list of stored steps back into one batch: prompts left-padded (so the last prompt
+token is the last prompt column of every row), responses right-padded with a token mask.
+"""
+import dataclasses
+
+import numpy as np
+import torch
+
+import tiny_vlm
+
+SEQUENCE_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids")  # (B, P) processor outputs
+
+
+def prompt_inputs(processor, frames, prompts, device):
+    """Processor outputs for a batch of (frames (K, H, W, 3), prompt) states, left-padded."""
+    texts = [processor.apply_chat_template([tiny_vlm.user_message(len(f), p)], add_generation_prompt=True)
+             for f, p in zip(frames, prompts)]
+    processor.tokenizer.padding_side = "left"  # the last prompt token is column P - 1 in every row
+    inputs = processor(text=texts, images=[list(f) for f in frames], padding=True, return_tensors="pt")
+    return inputs.to(device)
+
+
+def response_mask(response_ids, eos_ids):
+    """1 for generated tokens up to and including the first end-of-turn token, 0 for padding after it."""
+    is_eos = torch.isin(response_ids, eos_ids).long()  # (B, R)
+    return (is_eos.cumsum(1) - is_eos) == 0  # no eos strictly before this position
+
+
+def split_steps(inputs, response_ids, token_mask):
+    """A batch of processor outputs + responses -> one dict per row, padding stripped, on the CPU."""
+    num_rows = inputs["input_ids"].shape[0]
+    images_per_row = inputs["image_grid_thw"].shape[0] // num_rows  # every env shows K frames
+    grids = inputs["image_grid_thw"].cpu().split(images_per_row)  # N x (K, 3)
+    pixels = inputs["pixel_values"].cpu().split([int(g.prod(-1).sum()) for g in grids])  # N x (patches, D)
+    prompt_lengths = inputs["attention_mask"].sum(1).tolist()
+    response_lengths = token_mask.sum(1).tolist()
+    steps = []
+    for i in range(num_rows):
+        step = {k: inputs[k][i, -prompt_lengths[i]:].cpu() for k in SEQUENCE_KEYS if k in inputs}
+        step.update(pixel_values=pixels[i], image_grid_thw=grids[i],
+                    response_ids=response_ids[i, : response_lengths[i]].cpu())
+        steps.append(step)
+    return steps
+
+
+def collate(steps, pad_token_id, device):
+    """Stored steps -> (prompt inputs, response_ids (B, R), token_mask (B, R)), ready for a forward."""
+    prompt_len = max(len(s["input_ids"]) for s in steps)
+    response_len = max(len(s["response_ids"]) for s in steps)
+    inputs = {}
+    for key in SEQUENCE_KEYS:
+        if key in steps[0]:
+            pad = pad_token_id if key == "input_ids" else 0
+            inputs[key] = torch.stack([torch.cat([s[key].new_full((prompt_len - len(s[key]),), pad), s[key]])
+                                       for s in steps]).to(device)  # (B, P), left-padded
+    inputs["pixel_values"] = torch.cat([s["pixel_values"] for s in steps]).to(device)  # (patches, D)
+    inputs["image_grid_thw"] = torch.cat([s["image_grid_thw"] for s in steps]).to(device)  # (B * K, 3)
+    response_ids = torch.full((len(steps), response_len), pad_token_id, dtype=torch.long)
+    token_mask = torch.zeros((len(steps), response_len), dtype=torch.bool)
+    for i, s in enumerate(steps):
+        response_ids[i, : len(s["response_ids"])] = s["response_ids"]
+        token_mask[i, : len(s["response_ids"])] = True
+    return inputs, response_ids.to(device), token_mask.to(device)
+
+
+def pad_stack(rows, length):
+    """1-D tensors of different lengths -> (B, length), zero-padded on the right."""
+    return torch.stack([torch.nn.functional.pad(r, (0, length - len(r))) for r in rows])
+
+
+@dataclasses.dataclass
+class Rollout:
+    """Everything the update needs from num_steps (T) env steps of num_envs (N) envs."""
+
+    steps: list  # T * N dicts (see the module docstring), index t * N + env
+    logprobs: list  # T * N tensors (R_i,): log pi_old at the sampling temperature
+    ref_logprobs: list  # T * N tensors (R_i,): log pi_ref (adapter disabled, or the frozen copy)
+    values: torch.Tensor  # (T, N) V_old(s_t)
+    rewards: torch.Tensor  # (T, N)
+    terminated: torch.Tensor  # (T, N) bool
+    truncated: torch.Tensor  # (T, N) bool
+    bootstrap_values: torch.Tensor  # (T, N) V(s_{t+1}) of the truncated state where truncated, else 0
+    last_values: torch.Tensor  # (N,) V(s_T) of the states the next rollout starts from
+    episodes: list  # dict(episodic_return, episodic_length, success) per episode that ended in this rollout
+    parse_failures: int
+    response_tokens: float  # mean generated tokens per env step, end-of-turn included
+
+
+class EnvRunner:
+    """num_envs TextEnvs stepped together. It owns the reset loop: a finished env is reset at once
+    with a derived seed, its episode recorded; no reset step ever becomes experience."""
+
+    def __init__(self, env_list, seed):
+        self.envs, self.seed = env_list, seed
+        self.episodes_started = [0] * len(env_list)
+        self.frames = [env.reset(seed=seed + i)[0] for i, env in enumerate(env_list)]  # env i: seed + i
+        self.episode_return = np.zeros(len(env_list))
+        self.episode_length = np.zeros(len(env_list), dtype=int)
+
+    def reset(self, i):
+        self.episodes_started[i] += 1  # episode k of env i: seed + i + k * num_envs, never repeated
+        self.frames[i] = self.envs[i].reset(seed=self.seed + i + self.episodes_started[i] * len(self.envs))[0]
+        self.episode_return[i], self.episode_length[i] = 0.0, 0
+
+    @torch.no_grad()
+    def collect(self, agent, processor, num_steps, temperature, max_new_tokens):
+        """Advance every env num_steps times under the current policy (eval mode: no dropout)."""
+        agent.eval()
+        device, num_envs = agent.device, len(self.envs)
+        eos_ids = torch.tensor(agent.eos_token_ids, device=device)
+        shape = (num_steps, num_envs)  # (T, N)
+        rollout = Rollout(steps=[], logprobs=[], ref_logprobs=[], values=torch.zeros(shape), rewards=torch.zeros(shape),
+                          terminated=torch.zeros(shape, dtype=torch.bool),
+                          truncated=torch.zeros(shape, dtype=torch.bool), bootstrap_values=torch.zeros(shape),
+                          last_values=None, episodes=[], parse_failures=0, response_tokens=0.0)
+        for t in range(num_steps):
+            inputs = prompt_inputs(processor, self.frames, [env.prompt() for env in self.envs], device)
+            prompt_len = inputs["input_ids"].shape[1]
+            # full distribution at temperature T: explicit top_k=0 / top_p=1 / no repetition penalty,
+            # since a checkpoint's generation_config (Qwen2-VL: top_k=1) would otherwise fill them in
+            sequences = agent.policy.generate(
+                **inputs, do_sample=True, temperature=temperature, top_k=0, top_p=1.0, repetition_penalty=1.0,
+                max_new_tokens=max_new_tokens, suppress_tokens=agent.suppress_token_ids,
+                eos_token_id=agent.eos_token_ids, pad_token_id=processor.tokenizer.pad_token_id)  # (N, P + R)
+            response_ids = sequences[:, prompt_len:]  # (N, R)
+            token_mask = response_mask(response_ids, eos_ids)  # (N, R)
+            # the scoring forward gets exactly what generate got, response appended
+            logprobs, values = agent.get_logprobs_and_value(inputs, response_ids, token_mask)  # (N, R), (N,)
+            ref_logprobs = agent.get_reference_logprobs(inputs, response_ids, token_mask)  # (N, R)
+            lengths = token_mask.sum(1).tolist()
+            rollout.steps += split_steps(inputs, response_ids, token_mask)
+            rollout.logprobs += [logprobs[i, :n].cpu() for i, n in enumerate(lengths)]
+            rollout.ref_logprobs += [ref_logprobs[i, :n].cpu() for i, n in enumerate(lengths)]
+            rollout.values[t] = values.float().cpu()
+            rollout.response_tokens += sum(lengths) / (num_steps * num_envs)
+
+            answers = processor.batch_decode(response_ids.masked_fill(~token_mask, processor.tokenizer.pad_token_id),
+                                             skip_special_tokens=True)
+            truncated_states = []
+            for i, (env, answer) in enumerate(zip(self.envs, answers)):
+                self.frames[i], reward, terminated, truncated, info = env.step(answer)
+                rollout.rewards[t, i], rollout.terminated[t, i], rollout.truncated[t, i] = reward, terminated, truncated
+                rollout.parse_failures += int(info["parse_failed"])
+                self.episode_return[i] += reward
+                self.episode_length[i] += 1
+                if terminated or truncated:
+                    rollout.episodes.append(dict(episodic_return=float(self.episode_return[i]),
+                                                 episodic_length=int(self.episode_length[i]),
+                                                 success=float(info["success"])))
+                    if truncated and not terminated:  # a time limit: bootstrap from V(truncated state)
+                        truncated_states.append((i, self.frames[i], env.prompt()))
+            if truncated_states:  # one value-only forward for all truncated envs, before their reset
+                index, frames, prompts = zip(*truncated_states)
+                values = agent.get_value(prompt_inputs(processor, frames, prompts, device))  # (n,)
+                rollout.bootstrap_values[t, list(index)] = values.float().cpu()
+            for i in range(num_envs):
+                if rollout.terminated[t, i] or rollout.truncated[t, i]:
+                    self.reset(i)
+        inputs = prompt_inputs(processor, self.frames, [env.prompt() for env in self.envs], device)
+        rollout.last_values = agent.get_value(inputs).float().cpu()  # (N,)
+        return rollout

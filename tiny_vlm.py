@@ -1,0 +1,340 @@
+# The tiny VLM: a real Qwen2-VL (same transformers classes as Qwen2-VL-2B/7B-Instruct), built from a
+# config, given a few minutes of offline pre-training on our own frames so that it can SEE, then saved
+# with save_pretrained and loaded back through the same from_pretrained(path) code as a real checkpoint.
+"""A VLM in four parts, each built here from scratch:
+
+1. tokenizer   byte-level BPE trained on our prompts and answers, plus Qwen's special tokens
+2. processor   Qwen2VLImageProcessor (frames -> 14 px patches) + tokenizer + a chat template
+3. model       Qwen2VLForConditionalGeneration: a ViT (vision tower) whose 2x2-merged patch features
+               replace the <|image_pad|> tokens in a small decoder-only language model
+4. pre-training  captioning our frames ("Target: 3, Current: 1") and answering our task prompts in
+               the JSON format with the caption as thoughts and a UNIFORMLY RANDOM action: the model
+               learns to see and to speak the format, never which action is good (that is RL's job).
+
+Two choices make a 1.5M-parameter model learn to read digits in a minute instead of never
+(see shared/TINY_VLM_MEASUREMENTS.md for what failed):
+* "ink" normalisation: pixels are normalised so that white is 0 (image_mean 1, image_std 0.5). With
+  CLIP's constants a white background is a large constant input and the few pixels of a glyph are a
+  7% perturbation of every patch feature; with white = 0 a blank patch is silent and a glyph is all
+  the signal. A linear probe on the vision features then learns in 50 steps instead of never.
+* an auxiliary probe loss: a linear head on the MEAN of each image's vision features predicts the
+  caption tokens. It teaches the vision tower to see before the language model has learned where to
+  look (uniform attention over the image tokens is then already informative). The head is dropped
+  after pre-training; the saved model is a plain Qwen2-VL.
+"""
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+from transformers import (
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    PreTrainedTokenizerFast,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+    Qwen2VLImageProcessor,
+    Qwen2VLProcessor,
+    Qwen2VLVideoProcessor,
+)
+
+import envs
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                  "<|image_pad|>", "<|video_pad|>"]  # Qwen's names; ids 0..6 here (151643.. in Qwen2-VL)
+# Qwen's chat format, shortened: <|im_start|>role\n content <|im_end|>\n, an image is
+# <|vision_start|><|image_pad|><|vision_end|> (the processor expands <|image_pad|> to one token per
+# merged 28x28 patch).
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for c in message['content'] %}"
+    "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CAPTION_PROMPT = "Describe the image."
+DATA_VERSION = 1  # bump when envs' rendering, prompts or state_text change: the cache key includes it
+
+
+@dataclass(frozen=True)
+class TinyConfig:
+    image_size: int = 112  # frames are resized to 112x112 -> 8x8 patches of 14 px -> 16 merged image tokens
+    vocab_size: int = 1024
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    vision_depth: int = 2
+    vision_dim: int = 128
+    pretrain_steps: int = 900
+    batch_size: int = 32  # captions per step (short sequences: image + a few tokens)
+    format_batch_size: int = 4  # task-prompt examples per step (long sequences: the full prompt)
+    learning_rate: float = 2e-3
+    aux_coef: float = 1.0  # weight of the mean-pooled probe loss
+    env_ids: tuple = tuple(envs.CARD_IDS)
+    seed: int = 0
+
+
+# ---------------------------------------------------------------------------- 1-3. build
+def build_processor(cfg: TinyConfig, corpus) -> Qwen2VLProcessor:
+    """Byte-level BPE (any text encodes, nothing is <unk>) trained on our own prompts and answers."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=cfg.vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    bpe.train_from_iterator(corpus, trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+                              "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"})
+    side = cfg.image_size
+    image_processor = Qwen2VLImageProcessor(
+        image_mean=[1.0, 1.0, 1.0], image_std=[0.5, 0.5, 0.5],  # "ink" normalisation: white -> 0
+        # smart_resize keeps the aspect ratio within [min, max] pixels, sides multiples of 28:
+        # 300x300 -> 112x112 (16 tokens), MiniWorld 80x60 -> 140x112 (20 tokens)
+        size={"shortest_edge": side * side, "longest_edge": (side + 8) ** 2})
+    return Qwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                            video_processor=Qwen2VLVideoProcessor(), chat_template=CHAT_TEMPLATE)
+
+
+def build_model(cfg: TinyConfig, tokenizer) -> Qwen2VLForConditionalGeneration:
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    head_dim = cfg.hidden_size // cfg.num_heads
+    config = Qwen2VLConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, intermediate_size=2 * cfg.hidden_size,
+            num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+            num_key_value_heads=cfg.num_kv_heads, max_position_embeddings=4096,
+            # M-RoPE splits each head's rotary pairs (head_dim / 2) over (time, height, width),
+            # in Qwen2-VL's proportions [16, 24, 24] / 64
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                             "mrope_section": [head_dim // 8, head_dim * 3 // 16, head_dim * 3 // 16]},
+            bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"]),
+        vision_config=dict(depth=cfg.vision_depth, embed_dim=cfg.vision_dim, hidden_size=cfg.hidden_size,
+                           num_heads=cfg.num_heads, mlp_ratio=2, patch_size=14, spatial_merge_size=2,
+                           temporal_patch_size=2),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=True)
+    torch.manual_seed(cfg.seed)
+    return Qwen2VLForConditionalGeneration(config)
+
+
+# ---------------------------------------------------------------------------- 4. data
+def user_message(num_images, text):
+    """One user turn: the frames as separate images, then the text (the paper's prompt layout)."""
+    return {"role": "user", "content": [{"type": "image"}] * num_images + [{"type": "text", "text": text}]}
+
+
+def format_answer(thoughts, action):
+    return json.dumps({"thoughts": thoughts, "action": action})
+
+
+class StateSampler:
+    """States visited by a uniformly random policy, as (frames, prompt, caption, actions, answer_of)."""
+
+    def __init__(self, env_ids, seed):
+        self.rng = np.random.default_rng(seed)
+        self.envs = [envs.make_env(env_id) for env_id in env_ids]
+        for env in self.envs:
+            env.reset(seed=int(self.rng.integers(2**31)))
+
+    def sample(self):
+        env = self.envs[self.rng.integers(len(self.envs))]
+        for _ in range(int(self.rng.integers(0, 4))):  # a few random steps: formulas, hands, moves
+            _, _, terminated, truncated, _ = env.step(int(self.rng.integers(len(env.actions))))
+            if terminated or truncated:
+                env.reset(seed=int(self.rng.integers(2**31)))
+        return list(env.frames), env.prompt(), env.state_text(), env.actions, answer_format(env)
+
+
+def answer_format(env):
+    """How the env's prompt asks for the action: by number (MiniWorld) or by name (gym-cards)."""
+    if isinstance(env, envs.MiniWorldTextEnv):
+        return lambda thoughts, a: json.dumps({"thoughts": thoughts, "action": a})
+    return lambda thoughts, a: json.dumps({"thoughts": thoughts, "action": env.actions[a]})
+
+
+def caption_example(state):
+    """(images, user text, answer): the newest frame and its description."""
+    frames, _, caption, _, _ = state
+    return frames[-1:], CAPTION_PROMPT, caption
+
+
+def format_example(state, rng):
+    """The task prompt answered in the JSON format: the caption as thoughts and an action drawn
+    uniformly at random. It teaches the format, never a policy."""
+    frames, prompt, caption, actions, answer = state
+    return frames, prompt, answer(caption, int(rng.integers(len(actions))))
+
+
+def collate(processor, examples):
+    """Tokenise (images, prompt, answer) triples; labels cover the answer and its <|im_end|> only."""
+    tok = processor.tokenizer
+    texts = [processor.apply_chat_template([user_message(len(im), p)], add_generation_prompt=True) + a + "<|im_end|>"
+             for im, p, a in examples]
+    tok.padding_side = "right"
+    batch = processor(text=texts, images=[list(im) for im, _, _ in examples], padding=True, return_tensors="pt")
+    # the answer starts after the last "<|im_start|>assistant\n"
+    header = 1 + len(tok("assistant\n")["input_ids"])
+    is_start = batch["input_ids"] == tok.convert_tokens_to_ids("<|im_start|>")
+    last_start = (is_start * torch.arange(is_start.shape[1])).argmax(1)  # (B,)
+    positions = torch.arange(is_start.shape[1])[None]  # (1, T)
+    labels = batch["input_ids"].masked_fill(positions < (last_start + header)[:, None], -100)
+    batch["labels"] = labels.masked_fill(batch["attention_mask"] == 0, -100)
+    return batch
+
+
+def tokenizer_corpus(sampler, n=3000):
+    """Text the model will read and write: prompts, captions and JSON answers of every env."""
+    rng = np.random.default_rng(0)
+    for _ in range(n):
+        frames, prompt, caption, actions, answer = sampler.sample()
+        yield prompt
+        yield answer(caption, int(rng.integers(len(actions))))
+    yield CAPTION_PROMPT + " user assistant system"
+
+
+# ---------------------------------------------------------------------------- pre-training
+def pretrain(model, processor, sampler, cfg: TinyConfig, steps=None, progress=True):
+    """Next-token loss on the answers + the auxiliary mean-pooled probe (see the module docstring)."""
+    steps = cfg.pretrain_steps if steps is None else steps
+    rng = np.random.default_rng(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    vocab, probe_len = len(processor.tokenizer), 24
+    probe = torch.nn.Linear(cfg.hidden_size, probe_len * vocab)  # mean image feature -> caption tokens
+    captured = {}
+    hook = model.model.visual.register_forward_hook(lambda m, i, o: captured.__setitem__("feats", o.pooler_output))
+    params = list(model.parameters()) + list(probe.parameters())
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
+    warmup = max(1, steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(  # linear warm-up, then cosine to 5% of the peak
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * min(s, steps) / steps))))
+    model.train()
+    bar = tqdm(range(steps), desc="pre-training the tiny VLM", disable=not progress)
+    for _ in bar:
+        batch = collate(processor, [caption_example(sampler.sample()) for _ in range(cfg.batch_size)])
+        loss = model(**batch).loss
+        caption_feats = captured["feats"]  # (B * image tokens, hidden), from the vision tower in that forward
+        if cfg.format_batch_size:
+            formats = collate(processor, [format_example(sampler.sample(), rng) for _ in range(cfg.format_batch_size)])
+            loss = loss + model(**formats).loss
+        if cfg.aux_coef > 0:
+            tokens_per_image = (batch["image_grid_thw"].prod(-1) // 4).tolist()
+            image_feats = torch.stack([f.mean(0) for f in caption_feats.split(tokens_per_image)])  # (B, hidden)
+            targets = torch.full((len(tokens_per_image), probe_len), -100)  # first probe_len caption tokens
+            for i, labels in enumerate(batch["labels"]):
+                caption = labels[labels != -100][:probe_len]
+                targets[i, : len(caption)] = caption
+            logits = probe(image_feats).view(-1, probe_len, vocab)
+            loss = loss + cfg.aux_coef * F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    hook.remove()
+    model.eval()
+
+
+@torch.no_grad()
+def generate_answers(model, processor, image_lists, prompts, max_new_tokens=32):
+    """Greedy answers, batched (left padding for generation)."""
+    texts = [processor.apply_chat_template([user_message(len(im), p)], add_generation_prompt=True)
+             for im, p in zip(image_lists, prompts)]
+    processor.tokenizer.padding_side = "left"
+    batch = processor(text=texts, images=[list(im) for im in image_lists], padding=True, return_tensors="pt")
+    batch = batch.to(model.device)
+    out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                         suppress_tokens=vision_token_ids(model.config),
+                         pad_token_id=processor.tokenizer.pad_token_id)
+    return processor.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def vision_token_ids(config):
+    """Vision special tokens: a generated one would break the next forward pass."""
+    return [config.image_token_id, config.video_token_id, config.vision_start_token_id, config.vision_end_token_id]
+
+
+def caption_accuracy(model, processor, env_id, num_frames=200, seed=12345, batch_size=50):
+    """Exact-match accuracy of the model's caption of held-out frames (states from seeds the
+    pre-training never drew) against env.state_text(). Works for any checkpoint built on the tiny
+    model, before or after RL: the miniature of the paper's "RL does not degrade image understanding"."""
+    sampler = StateSampler([env_id], seed=seed)
+    states = [sampler.sample() for _ in range(num_frames)]
+    correct = 0
+    for i in range(0, num_frames, batch_size):
+        chunk = states[i : i + batch_size]
+        answers = generate_answers(model, processor, [s[0][-1:] for s in chunk], [CAPTION_PROMPT] * len(chunk))
+        correct += sum(a.strip() == s[2] for a, s in zip(answers, chunk))
+    return correct / num_frames
+
+
+# ---------------------------------------------------------------------------- build + cache
+def build(out_dir, cfg: TinyConfig = TinyConfig(), progress=True):
+    """Build, pre-train and save (model + processor + a card with what was measured) to out_dir."""
+    start = time.time()
+    torch.manual_seed(cfg.seed)
+    sampler = StateSampler(cfg.env_ids, seed=cfg.seed)
+    processor = build_processor(cfg, tokenizer_corpus(sampler))
+    model = build_model(cfg, processor.tokenizer)
+    pretrain(model, processor, sampler, cfg, progress=progress)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    card = dict(config=asdict(cfg), data_version=DATA_VERSION, build_seconds=round(time.time() - start, 1),
+                parameters=sum(p.numel() for p in model.parameters()))
+    (out_dir / "tiny_vlm.json").write_text(json.dumps(card, indent=2))
+    return out_dir
+
+
+def cache_dir():
+    return Path(os.environ.get("VLDAC_CACHE", Path.home() / ".cache" / "vldac"))
+
+
+def tiny_model_path(cfg: TinyConfig = TinyConfig(), progress=True) -> str:
+    """The tiny model's directory, built on first use and cached, keyed by its config and data version."""
+    key = hashlib.sha1(json.dumps([asdict(cfg), DATA_VERSION], sort_keys=True).encode()).hexdigest()[:10]
+    path = cache_dir() / f"tiny-qwen2-vl-{key}"
+    if not (path / "tiny_vlm.json").exists():
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        print(f"Building the tiny VLM (once, about 2-3 minutes on 2 CPU cores) into {path}", flush=True)
+        build(tmp, cfg, progress=progress)
+        try:
+            os.replace(tmp, path)  # atomic: a concurrent builder or a crash never leaves half a model
+        except OSError:  # another process finished first
+            import shutil
+            shutil.rmtree(tmp, ignore_errors=True)
+    return str(path)
+
+
+def load(path):
+    """Load any Qwen2-VL-style checkpoint the way vldac.py does (used by the tests and the probe)."""
+    return AutoModelForImageTextToText.from_pretrained(path), AutoProcessor.from_pretrained(path)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Build the tiny VLM and report its caption accuracy.")
+    parser.add_argument("--steps", type=int, default=TinyConfig.pretrain_steps)
+    parser.add_argument("--out", default=None, help="directory (default: the cache)")
+    a = parser.parse_args()
+    cfg = TinyConfig(pretrain_steps=a.steps)
+    path = build(a.out, cfg) if a.out else tiny_model_path(cfg)
+    model, processor = load(path)
+    card = json.loads((Path(path) / "tiny_vlm.json").read_text())
+    print(f"{path}: {card['parameters']:,} parameters, built in {card['build_seconds']} s")
+    for env_id in cfg.env_ids:
+        print(f"caption accuracy {env_id}: {caption_accuracy(model, processor, env_id):.3f}")
