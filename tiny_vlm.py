@@ -78,6 +78,9 @@ class TinyConfig:
     learning_rate: float = 2e-3
     aux_coef: float = 1.0  # weight of the mean-pooled probe loss
     env_ids: tuple = tuple(envs.CARD_IDS)
+    # pre-training mix over env_ids. NumberLine only: with the other games mixed in (0.6/0.13/0.13/0.13,
+    # 1000 steps) the model read none of them, NumberLine included, within the budget (see README)
+    env_weights: tuple = (1.0, 0.0, 0.0, 0.0)
     seed: int = 0
 
 
@@ -142,14 +145,15 @@ def format_answer(thoughts, action):
 class StateSampler:
     """States visited by a uniformly random policy, as (frames, prompt, caption, actions, answer_of)."""
 
-    def __init__(self, env_ids, seed):
+    def __init__(self, env_ids, seed, weights=None):
         self.rng = np.random.default_rng(seed)
         self.envs = [envs.make_env(env_id) for env_id in env_ids]
+        self.weights = None if weights is None else np.asarray(weights) / np.sum(weights)
         for env in self.envs:
             env.reset(seed=int(self.rng.integers(2**31)))
 
     def sample(self):
-        env = self.envs[self.rng.integers(len(self.envs))]
+        env = self.envs[self.rng.choice(len(self.envs), p=self.weights)]
         for _ in range(int(self.rng.integers(0, 4))):  # a few random steps: formulas, hands, moves
             _, _, terminated, truncated, _ = env.step(int(self.rng.integers(len(env.actions))))
             if terminated or truncated:
@@ -216,9 +220,9 @@ def pretrain(model, processor, sampler, cfg: TinyConfig, steps=None, progress=Tr
     hook = model.model.visual.register_forward_hook(lambda m, i, o: captured.__setitem__("feats", o.pooler_output))
     params = list(model.parameters()) + list(probe.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
-    warmup = max(1, steps // 20)
+    warmup, horizon = max(1, steps // 20), max(1, steps)
     schedule = torch.optim.lr_scheduler.LambdaLR(  # linear warm-up, then cosine to 5% of the peak
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * min(s, steps) / steps))))
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * min(s, horizon) / horizon))))
     model.train()
     bar = tqdm(range(steps), desc="pre-training the tiny VLM", disable=not progress)
     for _ in bar:
@@ -285,8 +289,8 @@ def build(out_dir, cfg: TinyConfig = TinyConfig(), progress=True):
     """Build, pre-train and save (model + processor + a card with what was measured) to out_dir."""
     start = time.time()
     torch.manual_seed(cfg.seed)
-    sampler = StateSampler(cfg.env_ids, seed=cfg.seed)
-    processor = build_processor(cfg, tokenizer_corpus(sampler))
+    processor = build_processor(cfg, tokenizer_corpus(StateSampler(cfg.env_ids, seed=cfg.seed)))  # every env's text
+    sampler = StateSampler(cfg.env_ids, seed=cfg.seed, weights=cfg.env_weights)
     model = build_model(cfg, processor.tokenizer)
     pretrain(model, processor, sampler, cfg, progress=progress)
     out_dir = Path(out_dir)
