@@ -17,9 +17,11 @@ import torch
 from gymnasium.utils.env_checker import check_env
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from PIL import Image
 from transformers import AutoModelForImageTextToText
 
 import envs
+import evaluate
 import rollout
 import tiny_vlm
 import vldac
@@ -857,7 +859,7 @@ def test_lora_update_save_and_reload(tiny_dir, tmp_path):
 
 # 2 envs x 5 steps x 2 iterations: NumberLine truncates at 10 steps, so every env ends an episode
 SMOKE = ["--env-id", ENV_ID, "--num-envs", "2", "--num-steps", "5", "--total-timesteps", "20", "--minibatch-size", "5",
-         "--micro-batch-size", "5", "--max-new-tokens", "6", "--value-warmup-iters", "1", "--save-model"]
+         "--micro-batch-size", "5", "--max-new-tokens", "6", "--value-warmup-iters", "1", "--save-model", "--eval-episodes", "2"]
 TAGS = ["charts/episodic_return", "charts/success_rate", "charts/episodic_length", "charts/SPS",
         "charts/learning_rate", "charts/parse_failure_rate", "charts/response_tokens", "losses/policy_loss",
         "losses/value_loss", "losses/kl_ref", "losses/approx_kl", "losses/old_approx_kl", "losses/clipfrac",
@@ -970,3 +972,117 @@ def test_pretraining_teaches_the_format_not_a_policy(tiny_pretrained):
         correct_moves += action == int(info["Target"] > info["Current"])
     assert parsed >= 36, f"only {parsed}/40 answers parsed: {answers[:3]}"
     assert correct_moves <= 32, f"greedy actions already right {correct_moves}/40 times: pre-training leaked a policy"
+
+
+# ---- evaluate.py ----
+EVAL = ["--env-ids", ENV_ID, "--num-episodes", "4", "--num-envs", "4", "--caption-frames", "10"]
+RECORD_FIELDS = {"model_id", "env_id", "num_episodes", "success_rate", "success_ci95", "return_mean", "return_std",
+                 "length_mean", "parse_failure_rate", "response_tokens_mean", "caption_accuracy", "episodes", "videos"}
+
+
+def run_eval(cwd, *flags, script="evaluate.py"):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, str(HERE / script), *flags], cwd=cwd, capture_output=True, text=True,
+                          timeout=300, env=env)
+
+
+def comparable(record):
+    """A record without the paths that differ between two output files."""
+    return {k: v for k, v in record.items() if k != "videos"}
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """One greedy run of the tiny model with --capture-video, shared by the tests below."""
+    tmp = tmp_path_factory.mktemp("eval")
+    result = run_eval(tmp, "--model-ids", "tiny", *EVAL, "--capture-video", "--output", "out.json")
+    assert result.returncode == 0, result.stderr[-2000:]
+    return tmp, result, json.loads((tmp / "out.json").read_text())
+
+
+def test_wilson_interval():
+    assert evaluate.wilson_interval(0, 50)[0] == 0.0 and 0 < evaluate.wilson_interval(0, 50)[1] < 0.1
+    low, high = evaluate.wilson_interval(25, 50)
+    assert math.isclose(low, 0.3664, abs_tol=1e-3) and math.isclose(high, 0.6336, abs_tol=1e-3)  # textbook value
+    assert evaluate.wilson_interval(50, 50)[1] == 1.0
+
+
+def test_smoke_json_fields_and_ranges(smoke):
+    _, result, data = smoke
+    assert {"model_ids", "seed", "temperature", "decoding", "per_model", "records"} <= data.keys()
+    assert data["model_ids"] == ["tiny"] and data["per_model"]["tiny"]["max_new_tokens"] == 48
+    (record,) = data["records"]
+    assert RECORD_FIELDS <= record.keys(), RECORD_FIELDS - record.keys()
+    assert record["num_episodes"] == len(record["episodes"]) == 4
+    assert [e["episode"] for e in record["episodes"]] == [0, 1, 2, 3]
+    assert 0 <= record["success_rate"] <= 1
+    low, high = record["success_ci95"]
+    assert 0 <= low <= record["success_rate"] <= high <= 1
+    assert 0 <= record["parse_failure_rate"] <= 1
+    assert 1 <= record["length_mean"] <= 10  # NumberLine truncates at 10 steps
+    assert 0 < record["response_tokens_mean"] <= 48
+    assert record["return_std"] >= 0 and 0 <= record["caption_accuracy"] <= 1  # probed: a tiny model
+    assert "| tiny | gym_cards/NumberLine-v0 |" in result.stdout
+
+
+def test_capture_video_frames(smoke):
+    """One GIF frame per step plus the final state: episode length + 1."""
+    tmp, _, data = smoke
+    (record,) = data["records"]
+    assert len(record["videos"]) == 2  # --video-episodes default
+    lengths = {e["episode"]: e["episodic_length"] for e in record["episodes"]}
+    for video in record["videos"]:
+        path = tmp / video
+        assert path.exists() and path.parent == tmp / "out" / "tiny"
+        episode = int(path.stem.rsplit("episode", 1)[1])
+        with Image.open(path) as gif:
+            assert gif.n_frames == lengths[episode] + 1, (video, gif.n_frames, lengths[episode])
+            assert gif.width >= 240
+
+
+def test_greedy_is_reproducible_and_two_models_two_rows(smoke, tmp_path):
+    _, _, first = smoke
+    result = run_eval(tmp_path, "--model-ids", "tiny", "tiny", *EVAL, "--output", "again.json")
+    assert result.returncode == 0, result.stderr[-2000:]
+    records = json.loads((tmp_path / "again.json").read_text())["records"]
+    assert len(records) == 2 and result.stdout.count("| tiny | gym_cards/NumberLine-v0 |") == 2
+    assert comparable(records[0]) == comparable(records[1]) == comparable(first["records"][0])
+
+
+def test_trained_checkpoint_loads_and_evaluates(tmp_path):
+    train = run_eval(tmp_path, "--env-id", ENV_ID, "--num-envs", "2", "--num-steps", "5", "--total-timesteps", "10",
+                     "--minibatch-size", "5", "--micro-batch-size", "5", "--max-new-tokens", "6",
+                     "--value-warmup-iters", "1", "--save-model", "--save-dir", "ckpt", "--eval-episodes", "2", script="vldac.py")
+    assert train.returncode == 0, train.stderr[-2000:]
+    result = run_eval(tmp_path, "--model-ids", "ckpt", *EVAL, "--output", "ckpt.json")
+    assert result.returncode == 0, result.stderr[-2000:]
+    data = json.loads((tmp_path / "ckpt.json").read_text())
+    assert data["per_model"]["ckpt"]["max_new_tokens"] == 48  # recognised as tiny-based through its args.json
+    (record,) = data["records"]
+    assert record["model_id"] == "ckpt" and len(record["episodes"]) == 4
+    assert record["caption_accuracy"] is not None
+
+
+@pytest.mark.parametrize("flags", [["--env-ids", "gym_cards/NoSuchGame-v0"],
+                                   ["--model-ids", "/no/such/model", "--env-ids", ENV_ID],
+                                   ["--num-episodes", "0"]])
+def test_bad_inputs_one_line_exit_2(tmp_path, flags):
+    result = run_eval(tmp_path, *flags, "--output", "x.json")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert len(result.stderr.strip().splitlines()) == 1 and "error" in result.stderr
+    assert not (tmp_path / "x.json").exists()
+
+
+# ---- learning: the quick start, shortened ----
+
+
+def test_quickstart_learns_numberline(tiny_pretrained, tmp_path):
+    """`python vldac.py --env-id gym_cards/NumberLine-v0` (the tiny model, its defaults) cut to 4096 env
+    steps: the success rate of the last 4 iterations (about 100 episodes) is far above the random policy's
+    0.61. The full acceptance (>= 0.9 within 10 minutes, 3 seeds) is benchmarks/quickstart.sh."""
+    result = run_script(tmp_path, "--env-id", "gym_cards/NumberLine-v0", "--total-timesteps", "4096", "--seed", "1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    success = [value for _, value in scalars(run_dir)["charts/success_rate"]]
+    assert len(success) == 32, len(success)
+    assert np.mean(success[-4:]) >= 0.75, f"no learning: success by iteration {np.round(success, 2).tolist()}"

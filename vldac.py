@@ -52,6 +52,8 @@ class Args:
     """whether to save the policy, value head, processor and args at the end of training"""
     save_dir: Optional[str] = None
     """where --save-model writes (default: runs/{run_name}/model)"""
+    eval_episodes: int = 50
+    """after --save-model, greedy evaluation episodes with evaluate.py (paper: 50); 0 skips it"""
 
     # Environment
     env_id: str = "gym_cards/NumberLine-v0"
@@ -128,9 +130,10 @@ class Args:
 PAPER_DEFAULTS = dict(total_timesteps=51_200, num_envs=16, num_steps=16, minibatch_size=128, micro_batch_size=4,
                       learning_rate=5e-5, end_learning_rate=1e-7, update_epochs=2, vf_coef=0.15, kl_beta=0.05,
                       value_warmup_iters=2, max_grad_norm=0.01, max_new_tokens=256, lora_r=16, lora_alpha=32)
-# The tiny model (1.5M parameters, CPU): full fine-tune, a larger learning rate, short answers.
-TINY_DEFAULTS = dict(total_timesteps=8_192, num_envs=16, num_steps=8, minibatch_size=64, micro_batch_size=32,
-                     learning_rate=1e-4, end_learning_rate=1e-5, update_epochs=2, vf_coef=0.15, kl_beta=0.05,
+# The tiny model (1.5M parameters, CPU): full fine-tune, a larger learning rate, short answers. Measured on
+# NumberLine: lr 1e-4 reached ~0.8 success by 8k env steps, 3e-4 reached ~0.9 by 4k (README, Status).
+TINY_DEFAULTS = dict(total_timesteps=12_288, num_envs=16, num_steps=8, minibatch_size=64, micro_batch_size=32,
+                     learning_rate=3e-4, end_learning_rate=3e-5, update_epochs=2, vf_coef=0.15, kl_beta=0.05,
                      value_warmup_iters=2, max_grad_norm=1.0, max_new_tokens=48, lora_r=0, lora_alpha=32)
 GAE_DEFAULTS = {"gym_cards": dict(gamma=1.0, gae_lambda=1.0), "MiniWorld": dict(gamma=0.99, gae_lambda=0.95)}
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
@@ -476,6 +479,14 @@ if __name__ == "__main__":
         path = Path(args.save_dir or f"runs/{run_name}/model")
         save(path, agent, processor, args)
         print(f"model saved to {path}")
+        if args.eval_episodes > 0:  # CleanRL's pattern: evaluate the saved policy, log episodic returns
+            import evaluate
+
+            result = evaluate.evaluate(agent.policy, processor, args.env_id, num_episodes=args.eval_episodes,
+                                       max_new_tokens=args.max_new_tokens, seed=args.seed + 10_000)
+            for k, episode in enumerate(result["episodes"]):
+                writer.add_scalar("eval/episodic_return", episode["episodic_return"], k)
+            print(f"eval: success {result['success_rate']:.2f} over {args.eval_episodes} episodes", flush=True)
     for env in env_list:
         env.close()
     writer.close()
