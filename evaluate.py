@@ -68,12 +68,6 @@ def wilson_interval(successes, n, z=1.96):
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
-def eos_token_ids(model):
-    """End-of-turn ids, as vldac.Agent: the generation config's eos and the text config's."""
-    eos = vldac.base_model(model).generation_config.eos_token_id
-    return sorted({*(eos if isinstance(eos, list) else [eos]), model.config.get_text_config().eos_token_id} - {None})
-
-
 def annotate(frame, caption, width=240, lines=4):
     """The newest frame, upscaled to >= width px wide (nearest: MiniWorld's 80 px stay crisp), text below."""
     image = Image.fromarray(frame)
@@ -104,7 +98,7 @@ def evaluate(model, processor, env_id, num_episodes=50, num_envs=10, temperature
     num_envs = min(num_envs, num_episodes)
     env_list = [envs.make_env(env_id, **(env_kwargs or {})) for _ in range(num_envs)]
     device, pad_token_id = model.device, processor.tokenizer.pad_token_id
-    eos_ids = eos_token_ids(model)
+    eos_ids = vldac.eos_token_ids(model)
     suppress_ids = tiny_vlm.vision_token_ids(vldac.base_model(model).config)
     decoding = dict(do_sample=False) if temperature == 0 else dict(do_sample=True, temperature=temperature,
                                                                    top_k=0, top_p=1.0)

@@ -1077,12 +1077,16 @@ def test_bad_inputs_one_line_exit_2(tmp_path, flags):
 
 
 def test_quickstart_learns_numberline(tiny_pretrained, tmp_path):
-    """`python vldac.py --env-id gym_cards/NumberLine-v0` (the tiny model, its defaults) cut to 4096 env
-    steps: the success rate of the last 4 iterations (about 100 episodes) is far above the random policy's
-    0.61. The full acceptance (>= 0.9 within 10 minutes, 3 seeds) is benchmarks/quickstart.sh."""
-    result = run_script(tmp_path, "--env-id", "gym_cards/NumberLine-v0", "--total-timesteps", "4096", "--seed", "1")
+    """`python vldac.py --env-id gym_cards/NumberLine-v0` (the tiny model, its defaults) cut to 6144 env
+    steps: the success rate of the last 8 iterations (about 200 episodes) is far above the random policy's
+    0.61 (4 standard errors at 0.75). The full acceptance (>= 0.9 within 10 minutes, 3 seeds) is
+    benchmarks/quickstart.sh."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # it runs alone: all cores
+    result = subprocess.run([sys.executable, str(HERE / "vldac.py"), "--env-id", "gym_cards/NumberLine-v0",
+                             "--total-timesteps", "6144", "--seed", "1"], cwd=tmp_path, capture_output=True,
+                            text=True, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     (run_dir,) = (tmp_path / "runs").iterdir()
     success = [value for _, value in scalars(run_dir)["charts/success_rate"]]
-    assert len(success) == 32, len(success)
-    assert np.mean(success[-4:]) >= 0.75, f"no learning: success by iteration {np.round(success, 2).tolist()}"
+    assert len(success) == 48, len(success)
+    assert np.mean(success[-8:]) >= 0.75, f"no learning: success by iteration {np.round(success, 2).tolist()}"

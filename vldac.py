@@ -201,6 +201,12 @@ def base_model(model):
     return model.get_base_model() if isinstance(model, PeftModel) else model
 
 
+def eos_token_ids(model):
+    """End-of-turn ids: the generation config's eos (a real checkpoint may list several) and the text config's."""
+    eos = base_model(model).generation_config.eos_token_id
+    return sorted({*(eos if isinstance(eos, list) else [eos]), model.config.get_text_config().eos_token_id} - {None})
+
+
 class Agent(nn.Module):
     """The VLM policy, its value head, and the KL reference (the adapter disabled, or a frozen copy)."""
 
@@ -215,9 +221,7 @@ class Agent(nn.Module):
         # with LoRA the reference is the same network with the adapter disabled: no second copy in memory
         self.reference = None if isinstance(policy, PeftModel) else [copy.deepcopy(policy).eval().requires_grad_(False)]
         self.suppress_token_ids = tiny_vlm.vision_token_ids(config)  # generated, they break the next forward
-        eos = base_model(policy).generation_config.eos_token_id
-        self.eos_token_ids = sorted({*(eos if isinstance(eos, list) else [eos]), config.get_text_config().eos_token_id}
-                                    - {None})
+        self.eos_token_ids = eos_token_ids(policy)
 
     @property
     def device(self):

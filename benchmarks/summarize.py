@@ -10,5 +10,5 @@ for path in sys.argv[1:]:
     hit = next((i for i in range(len(success) - 2) if sum(success[i : i + 3]) / 3 >= 0.9), None)
     tail = success[len(success) * 3 // 4 :]
     where = f"{steps[hit]} env steps, {steps[hit] / sps[hit]:.0f} s" if hit is not None else "never"
-    print(f"{path}: success >= 0.9 (3-iteration mean) at {where}; first iteration {success[0]:.2f}; "
+    print(f"{path}: success >= 0.9 (3-iteration mean) at {where}; first 4 iterations {sum(success[:4]) / 4:.2f}; "
           f"final-quarter mean {sum(tail) / max(1, len(tail)):.2f}; {steps[-1]} env steps at {sps[-1]:.1f} SPS")
