@@ -605,6 +605,17 @@ def tiny_dir(tmp_path_factory):
     return tiny_vlm.build(out, tiny_vlm.TinyConfig(pretrain_steps=0), progress=False)
 
 
+@pytest.fixture(scope="session")
+def tiny_pretrained():
+    """The real tiny model, what `--model-id tiny` loads: built once (about 3 minutes, on all cores, in this
+    process, before any subprocess asks for it), then cached."""
+    torch.set_num_threads(os.cpu_count() or 1)
+    try:
+        return vldac.load_policy("tiny", "cpu")
+    finally:
+        torch.set_num_threads(1)
+
+
 def make_args(model_dir, **overrides):
     fields = dict(env_id=ENV_ID, model_id=str(model_dir), num_envs=2, num_steps=2, total_timesteps=4,
                   minibatch_size=4, micro_batch_size=2, max_new_tokens=6, lora_r=0)
@@ -943,12 +954,6 @@ def test_processor_expands_image_tokens_for_the_model(tiny_dir):
     assert grid[0].tolist() == [1, 8, 10], "MiniWorld 80x60 frames should become 112x140 (8x10 patches)"
 
 
-@pytest.fixture(scope="session")
-def tiny_pretrained():
-    """The real tiny model (built once, minutes, then cached): what `--model-id tiny` loads."""
-    return vldac.load_policy("tiny", "cpu")
-
-
 def test_cached_tiny_model_reads_numberline(tiny_pretrained):
     """Caption accuracy on held-out frames far above chance (1/30 for the two digits)."""
     model, processor = tiny_pretrained
@@ -992,7 +997,7 @@ def comparable(record):
 
 
 @pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
+def smoke(tmp_path_factory, tiny_pretrained):
     """One greedy run of the tiny model with --capture-video, shared by the tests below."""
     tmp = tmp_path_factory.mktemp("eval")
     result = run_eval(tmp, "--model-ids", "tiny", *EVAL, "--capture-video", "--output", "out.json")
@@ -1049,7 +1054,7 @@ def test_greedy_is_reproducible_and_two_models_two_rows(smoke, tmp_path):
     assert comparable(records[0]) == comparable(records[1]) == comparable(first["records"][0])
 
 
-def test_trained_checkpoint_loads_and_evaluates(tmp_path):
+def test_trained_checkpoint_loads_and_evaluates(tmp_path, tiny_pretrained):
     train = run_eval(tmp_path, "--env-id", ENV_ID, "--num-envs", "2", "--num-steps", "5", "--total-timesteps", "10",
                      "--minibatch-size", "5", "--micro-batch-size", "5", "--max-new-tokens", "6",
                      "--value-warmup-iters", "1", "--save-model", "--save-dir", "ckpt", "--eval-episodes", "2", script="vldac.py")
