@@ -15,14 +15,17 @@ import dataclasses
 import numpy as np
 import torch
 
-import tiny_vlm
-
 SEQUENCE_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids")  # (B, P) processor outputs
+
+
+def user_message(num_images, text):
+    """One user turn: the frames as separate images, then the text (the paper's prompt layout)."""
+    return {"role": "user", "content": [{"type": "image"}] * num_images + [{"type": "text", "text": text}]}
 
 
 def prompt_inputs(processor, frames, prompts, device):
     """Processor outputs for a batch of (frames (K, H, W, 3), prompt) states, left-padded."""
-    texts = [processor.apply_chat_template([tiny_vlm.user_message(len(f), p)], add_generation_prompt=True)
+    texts = [processor.apply_chat_template([user_message(len(f), p)], add_generation_prompt=True)
              for f, p in zip(frames, prompts)]
     processor.tokenizer.padding_side = "left"  # the last prompt token is column P - 1 in every row
     inputs = processor(text=texts, images=[list(f) for f in frames], padding=True, return_tensors="pt")

@@ -45,6 +45,7 @@ from transformers import (
 )
 
 import envs
+import rollout
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   "<|image_pad|>", "<|video_pad|>"]  # Qwen's names; ids 0..6 here (151643.. in Qwen2-VL)
@@ -133,15 +134,6 @@ def build_model(cfg: TinyConfig, tokenizer) -> Qwen2VLForConditionalGeneration:
 
 
 # ---------------------------------------------------------------------------- 4. data
-def user_message(num_images, text):
-    """One user turn: the frames as separate images, then the text (the paper's prompt layout)."""
-    return {"role": "user", "content": [{"type": "image"}] * num_images + [{"type": "text", "text": text}]}
-
-
-def format_answer(thoughts, action):
-    return json.dumps({"thoughts": thoughts, "action": action})
-
-
 class StateSampler:
     """States visited by a uniformly random policy, as (frames, prompt, caption, actions, answer_of)."""
 
@@ -184,8 +176,8 @@ def format_example(state, rng):
 def collate(processor, examples):
     """Tokenise (images, prompt, answer) triples; labels cover the answer and its <|im_end|> only."""
     tok = processor.tokenizer
-    texts = [processor.apply_chat_template([user_message(len(im), p)], add_generation_prompt=True) + a + "<|im_end|>"
-             for im, p, a in examples]
+    texts = [processor.apply_chat_template([rollout.user_message(len(im), p)], add_generation_prompt=True)
+             + a + "<|im_end|>" for im, p, a in examples]
     tok.padding_side = "right"
     batch = processor(text=texts, images=[list(im) for im, _, _ in examples], padding=True, return_tensors="pt")
     # the answer starts after the last "<|im_start|>assistant\n"
@@ -254,11 +246,7 @@ def pretrain(model, processor, sampler, cfg: TinyConfig, steps=None, progress=Tr
 @torch.no_grad()
 def generate_answers(model, processor, image_lists, prompts, max_new_tokens=32):
     """Greedy answers, batched (left padding for generation)."""
-    texts = [processor.apply_chat_template([user_message(len(im), p)], add_generation_prompt=True)
-             for im, p in zip(image_lists, prompts)]
-    processor.tokenizer.padding_side = "left"
-    batch = processor(text=texts, images=[list(im) for im in image_lists], padding=True, return_tensors="pt")
-    batch = batch.to(model.device)
+    batch = rollout.prompt_inputs(processor, image_lists, prompts, model.device)
     out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                          suppress_tokens=vision_token_ids(model.config),
                          pad_token_id=processor.tokenizer.pad_token_id)
