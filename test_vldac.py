@@ -625,7 +625,7 @@ def make_args(model_dir, **overrides):
 def make_agent(args, seed=0):
     torch.manual_seed(seed)
     policy, processor = vldac.load_policy(args.model_id, "cpu", args.lora_r, args.lora_alpha, args.lora_dropout)
-    return vldac.Agent(policy, args.temperature), processor
+    return vldac.Agent(policy, args.temperature, args.value_stop_grad), processor
 
 
 def collect(agent, processor, args, seed=0):
@@ -709,6 +709,43 @@ def test_policy_loss_hand_computed():
     assert vldac.kl_penalty(new, ref, mask).item() == pytest.approx((math.e - 2) / 3 / 2, abs=1e-6)
 
 
+@pytest.mark.parametrize("thought_coef", [0.35, 1.0])
+def test_rl4vlm_logprob_hand_computed(tiny_dir, thought_coef):
+    """RL4VLM's step log-prob on a crafted response whose thought/action boundary is known by construction."""
+    tokenizer = vldac.AutoProcessor.from_pretrained(tiny_dir).tokenizer
+    thought = tokenizer('{"thoughts": "move right",')["input_ids"]
+    action = tokenizer(' "action": "+"}<|im_end|>')["input_ids"]
+    response_ids = torch.tensor(thought + action)  # (R,)
+    action_mask = vldac.action_token_mask(tokenizer, response_ids)
+    assert action_mask.tolist() == [False] * len(thought) + [True] * len(action)
+    logprobs = -torch.rand(2, len(response_ids)) * 3  # (B, R), row 1 padded after 5 tokens
+    token_mask = torch.ones(2, len(response_ids), dtype=torch.bool)
+    token_mask[1, 5:] = False
+    got = vldac.rl4vlm_logprob(logprobs, token_mask, action_mask.expand(2, -1), thought_coef)
+    lp = logprobs.tolist()
+    expected = [thought_coef * sum(lp[0][: len(thought)]) + sum(lp[0][len(thought):]), thought_coef * sum(lp[1][:5])]
+    torch.testing.assert_close(got, torch.tensor(expected))
+    if thought_coef == 1.0:
+        torch.testing.assert_close(got, (logprobs * token_mask).sum(1))
+    # one PPO ratio per step, on that scalar: 0.1 nats up per token over 3 tokens at lambda = 1 -> ratio e^0.3
+    loss = vldac.rl4vlm_policy_loss(torch.full((1, 3), -1.0), torch.full((1, 3), -1.1), torch.tensor([-1.0]),
+                                    torch.ones(1, 3, dtype=torch.bool), torch.ones(1, 3, dtype=torch.bool), 1.0, 0.1)
+    assert abs(loss.item() - math.exp(0.3)) < 1e-5  # A < 0: the unclipped (larger) loss wins
+
+
+def test_action_split_without_field_is_all_thought(tiny_dir):
+    tokenizer = vldac.AutoProcessor.from_pretrained(tiny_dir).tokenizer
+    for text, first_action_char in [("I will go +", None), ('{"action" :"-"}', 1), ('xx "action":+', 3)]:
+        ids = torch.tensor(tokenizer(text)["input_ids"])
+        mask = vldac.action_token_mask(tokenizer, ids)
+        if first_action_char is None:
+            assert not mask.any()
+        else:  # the first action token is the one whose decoded prefix first covers the quote
+            k = int(mask.long().argmax())
+            assert mask[k:].all() and len(tokenizer.decode(ids[:k])) <= first_action_char < len(
+                tokenizer.decode(ids[: k + 1])), (text, mask)
+
+
 def test_value_loss_clipped_by_hand():
     values, old, returns = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 0.0]), torch.tensor([2.0, -1.0])
     # unclipped 0.5 * mean(1, 1) = 0.5; clipped (eps 0.1): max(1, (0.1 - 2)^2 = 3.61), max(1, 1)
@@ -786,7 +823,7 @@ def test_first_epoch_ratio_one_and_reference_kl_zero(tiny_dir, lora_r):
     adv, ret = gae_of(batch, args)
     optimizer = torch.optim.Adam([p for p in agent.parameters() if p.requires_grad], lr=1e-3)
     args.update_epochs = 1
-    stats = vldac.update(agent, optimizer, batch, adv, ret, args, processor.tokenizer.pad_token_id)
+    stats = vldac.update(agent, optimizer, batch, adv, ret, args, processor.tokenizer)
     assert abs(stats["approx_kl"]) < 1e-9 and abs(stats["old_approx_kl"]) < 1e-5 and stats["clipfrac"] == 0, stats
     assert abs(stats["kl_ref"]) < 1e-6, stats
 
@@ -802,6 +839,30 @@ def test_value_loss_leaves_backbone_without_gradient(tiny_dir):
     assert all(p.grad is not None and p.grad.any() for p in agent.value_head.parameters())
 
 
+def test_no_stop_grad_lets_value_loss_reach_the_backbone(tiny_dir):
+    """The ablation switch: without the stop-gradient the value loss trains the language model too."""
+    args = make_args(tiny_dir, value_stop_grad=False)
+    agent, processor = make_agent(args)
+    _, batch = collect(agent, processor, args)
+    inputs, response_ids, mask = rollout.collate(batch.steps, processor.tokenizer.pad_token_id, "cpu")
+    _, values = agent.get_logprobs_and_value(inputs, response_ids, mask)
+    vldac.value_loss(values, batch.values.flatten(), torch.randn(4)).backward()
+    assert any(p.grad is not None and p.grad.any() for n, p in agent.policy.named_parameters() if "language_model" in n)
+
+
+def test_rl4vlm_update_first_epoch_ratio_one_then_moves_policy(tiny_dir):
+    args = make_args(tiny_dir, policy_loss="rl4vlm", thought_coef=0.35, update_epochs=1)
+    agent, processor = make_agent(args)
+    _, batch = collect(agent, processor, args)
+    before = policy_params(agent)
+    adv, ret = gae_of(batch, args)
+    optimizer = torch.optim.Adam([p for p in agent.parameters() if p.requires_grad], lr=1e-3)
+    stats = vldac.update(agent, optimizer, batch, adv, torch.randn_like(ret), args, processor.tokenizer)
+    assert stats["clipfrac"] == 0 and abs(stats["approx_kl"]) < 1e-9, stats
+    after = policy_params(agent)
+    assert any(not torch.equal(before[n], after[n]) for n in before if "language_model" in n)
+
+
 def test_warmup_freezes_policy_then_update_changes_it(tiny_dir):
     args = make_args(tiny_dir, minibatch_size=2, micro_batch_size=1)
     agent, processor = make_agent(args)
@@ -810,13 +871,13 @@ def test_warmup_freezes_policy_then_update_changes_it(tiny_dir):
     before, head_before = policy_params(agent), [p.detach().clone() for p in agent.value_head.parameters()]
     for _ in range(2):  # two warm-up iterations, each 2 epochs x 2 minibatches
         adv, ret = gae_of(batch, args)
-        vldac.update(agent, optimizer, batch, adv, ret, args, processor.tokenizer.pad_token_id, value_only=True)
+        vldac.update(agent, optimizer, batch, adv, ret, args, processor.tokenizer, value_only=True)
         batch = runner.collect(agent, processor, args.num_steps, args.temperature, args.max_new_tokens)
     after = policy_params(agent)
     assert all(torch.equal(before[n], after[n]) for n in before), "warm-up moved policy parameters"
     assert any(not torch.equal(a, p) for a, p in zip(head_before, agent.value_head.parameters()))
     adv, ret = gae_of(batch, args)
-    vldac.update(agent, optimizer, batch, adv, ret, args, processor.tokenizer.pad_token_id)
+    vldac.update(agent, optimizer, batch, adv, ret, args, processor.tokenizer)
     after = policy_params(agent)
     changed = {n for n in before if not torch.equal(before[n], after[n])}
     assert any("language_model" in n for n in changed), "a normal update left the policy unchanged"
@@ -832,7 +893,7 @@ def test_update_moves_logprob_with_advantage_sign(tiny_dir, advantage):
     _, batch = collect(agent, processor, args)
     optimizer = torch.optim.SGD([p for p in agent.parameters() if p.requires_grad], lr=1e-3)
     adv = torch.full((1, 1), advantage)
-    vldac.update(agent, optimizer, batch, adv, adv + batch.values, args, processor.tokenizer.pad_token_id)
+    vldac.update(agent, optimizer, batch, adv, adv + batch.values, args, processor.tokenizer)
     inputs, response_ids, mask = rollout.collate(batch.steps, processor.tokenizer.pad_token_id, "cpu")
     with torch.no_grad():
         logprobs, _ = agent.eval().get_logprobs_and_value(inputs, response_ids, mask)
@@ -848,7 +909,7 @@ def test_lora_update_save_and_reload(tiny_dir, tmp_path):
     _, batch = collect(agent, processor, args)
     before = policy_params(agent)
     adv, ret = gae_of(batch, args)
-    stats = vldac.update(agent, optimizer, batch, adv, ret, args, processor.tokenizer.pad_token_id)
+    stats = vldac.update(agent, optimizer, batch, adv, ret, args, processor.tokenizer)
     assert all(np.isfinite(v) for v in stats.values()), stats
     after = policy_params(agent)
     changed = {n for n in before if not torch.equal(before[n], after[n])}
@@ -910,6 +971,17 @@ def test_smoke_run_twice_same_seed(tiny_dir, tmp_path):
     assert (model_dir / "value_head.pt").exists() and (model_dir / "args.json").exists()
     policy, _ = vldac.load_policy(str(model_dir))
     assert not isinstance(policy, vldac.PeftModel)
+
+
+def test_baseline_and_ablation_switches_smoke_run(tiny_dir, tmp_path):
+    """RL4VLM's loss, no warm-up, no stop-gradient and no KL together, through the script."""
+    flags = SMOKE[: SMOKE.index("--value-warmup-iters")]
+    result = run_script(tmp_path, *flags, "--model-id", str(tiny_dir), "--policy-loss", "rl4vlm", "--thought-coef",
+                        "0.35", "--value-warmup-iters", "0", "--no-value-stop-grad", "--kl-beta", "0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("iter ") == 2 and "warm-up" not in result.stdout, result.stdout
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert all(math.isfinite(v) for _, v in scalars(run_dir)["losses/policy_loss"])
 
 
 def test_cli_errors_exit_2(tmp_path):

@@ -8,14 +8,16 @@ import copy
 import functools
 import json
 import math
+import bisect
 import os
 import random
+import re
 import socket
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 from urllib.parse import urlparse
 
 import numpy as np
@@ -119,6 +121,17 @@ class Args:
     max_grad_norm: Optional[float] = None
     """global gradient-norm clip (the authors' code: 0.01; tiny: 1.0)"""
 
+    # Baselines and ablations (benchmarks/ablations.py); the defaults are VL-DAC
+    policy_loss: Literal["token", "rl4vlm"] = "token"
+    """`token`: VL-DAC, a PPO ratio per generated token (Eq. 3); `rl4vlm`: RL4VLM's one ratio per step on
+    thought_coef * log pi(thought tokens) + log pi(action tokens)"""
+    thought_coef: float = 0.5
+    """RL4VLM's lambda, the weight of the thought tokens (--policy-loss rl4vlm only; RL4VLM: 0.5 on gym-cards,
+    0.35 best for Qwen2-VL on OneRoom)"""
+    value_stop_grad: bool = True
+    """stop-gradient between the value head and the backbone (Eq. 4); --no-value-stop-grad lets the value
+    loss train the backbone too (ablation; the warm-up still freezes the backbone)"""
+
     # filled in at runtime (not command-line flags)
     batch_size: tyro.conf.Suppress[int] = 0
     """env steps per rollout: num_envs * num_steps"""
@@ -210,9 +223,9 @@ def eos_token_ids(model):
 class Agent(nn.Module):
     """The VLM policy, its value head, and the KL reference (the adapter disabled, or a frozen copy)."""
 
-    def __init__(self, policy, temperature):
+    def __init__(self, policy, temperature, value_stop_grad=True):
         super().__init__()
-        self.policy, self.temperature = policy, temperature
+        self.policy, self.temperature, self.value_stop_grad = policy, temperature, value_stop_grad
         config = base_model(policy).config
         hidden = config.get_text_config().hidden_size
         width = min(3072, 4 * hidden)  # official head: hidden -> 3072 -> 2048 -> 1; narrower for small models
@@ -246,7 +259,9 @@ class Agent(nn.Module):
             hidden = self._hidden(self.policy, inputs, response_ids, token_mask)  # (B, P + R, H)
             logprobs = self._logprobs(self.policy, hidden, response_ids)  # (B, R)
         last_prompt_hidden = hidden[:, inputs["input_ids"].shape[1] - 1]  # (B, H), left padding: column P - 1
-        return logprobs, self.value_head(last_prompt_hidden.detach().float()).squeeze(-1)  # stop-grad (Eq. 4)
+        if self.value_stop_grad:  # Eq. 4: the value loss trains the head only, never the backbone
+            last_prompt_hidden = last_prompt_hidden.detach()
+        return logprobs, self.value_head(last_prompt_hidden.float()).squeeze(-1)
 
     def get_value(self, inputs):
         """V(s) from the prompt alone (the hidden state at the last prompt token ignores the response)."""
@@ -303,6 +318,35 @@ def policy_loss(logprobs, old_logprobs, advantages, token_mask, clip_coef):
     return masked_step_mean(torch.max(pg_loss1, pg_loss2), token_mask).mean()
 
 
+def action_token_mask(tokenizer, response_ids):
+    """RL4VLM's thought/action split of one response (R,): True from the token holding the `"action"` field's
+    opening quote onwards (end-of-turn included). Found in the decoded text, so it works for any tokenizer
+    (RL4VLM matches hard-coded token ids). A response without the field is all thought: all False."""
+    match = re.search(r'"action"\s*:', tokenizer.decode(response_ids))
+    if match is None:
+        return torch.zeros(len(response_ids), dtype=torch.bool)
+    # first k whose decoded prefix ids[:k] reaches past the field's first character: token k - 1 holds it
+    k = bisect.bisect_right(range(len(response_ids) + 1), match.start(),
+                            key=lambda k: len(tokenizer.decode(response_ids[:k])))
+    return torch.arange(len(response_ids)) >= k - 1
+
+
+def rl4vlm_logprob(logprobs, token_mask, action_mask, thought_coef):
+    """RL4VLM's log-prob of a whole step, lambda * sum log pi(thought tokens) + sum log pi(action tokens), (B,)."""
+    weights = torch.where(action_mask, 1.0, thought_coef) * token_mask  # (B, R)
+    return (logprobs * weights).sum(1)
+
+
+def rl4vlm_policy_loss(logprobs, old_logprobs, advantages, token_mask, action_mask, thought_coef, clip_coef):
+    """The RL4VLM baseline: ONE clipped PPO ratio per step, on the lambda-weighted summed log-prob."""
+    logratio = (rl4vlm_logprob(logprobs, token_mask, action_mask, thought_coef)
+                - rl4vlm_logprob(old_logprobs, token_mask, action_mask, thought_coef))  # (B,)
+    ratio = logratio.exp()
+    pg_loss1 = -advantages * ratio
+    pg_loss2 = -advantages * ratio.clamp(1 - clip_coef, 1 + clip_coef)
+    return torch.max(pg_loss1, pg_loss2).mean()
+
+
 def kl_penalty(logprobs, ref_logprobs, token_mask):
     """k3 estimate of KL(pi || pi_ref) per token, mean over each step's tokens, then over steps."""
     log_ref_ratio = ref_logprobs - logprobs  # (B, R)
@@ -318,7 +362,7 @@ def value_loss(values, old_values, returns, clip_coef=None):
     return 0.5 * v_loss.mean()
 
 
-def update(agent, optimizer, batch, advantages, returns, args, pad_token_id, value_only=False):
+def update(agent, optimizer, batch, advantages, returns, args, tokenizer, value_only=False):
     """4. PPO epochs over shuffled minibatches of env steps (Eq. 6: L = L_pol + beta L_KL + alpha L_val).
     Value-only warm-up: the backbone runs without gradient, so policy parameters get no grad, and Adam
     skips them entirely (no momentum, no decay). Returns each statistic averaged over every env step
@@ -334,7 +378,7 @@ def update(agent, optimizer, batch, advantages, returns, args, pad_token_id, val
             for micro in order[start : start + args.minibatch_size].split(args.micro_batch_size):
                 index = micro.tolist()
                 inputs, response_ids, token_mask = rollout.collate(
-                    [batch.steps[i] for i in index], pad_token_id, agent.device)  # (b, P), (b, R), (b, R)
+                    [batch.steps[i] for i in index], tokenizer.pad_token_id, agent.device)  # (b, P), (b, R), (b, R)
                 length = response_ids.shape[1]
                 old_logprobs = rollout.pad_stack([batch.logprobs[i] for i in index], length).to(agent.device)
                 ref_logprobs = rollout.pad_stack([batch.ref_logprobs[i] for i in index], length).to(agent.device)
@@ -342,7 +386,13 @@ def update(agent, optimizer, batch, advantages, returns, args, pad_token_id, val
 
                 logprobs, values = agent.get_logprobs_and_value(inputs, response_ids, token_mask,
                                                                 policy_grad=not value_only)
-                pg_loss = policy_loss(logprobs, old_logprobs, mb_adv, token_mask, args.clip_coef)  # Eq. 3
+                if args.policy_loss == "token":  # VL-DAC, Eq. 3
+                    pg_loss = policy_loss(logprobs, old_logprobs, mb_adv, token_mask, args.clip_coef)
+                else:  # the RL4VLM baseline
+                    action_mask = rollout.pad_stack([action_token_mask(tokenizer, batch.steps[i]["response_ids"])
+                                                     for i in index], length).to(agent.device)  # (b, R)
+                    pg_loss = rl4vlm_policy_loss(logprobs, old_logprobs, mb_adv, token_mask, action_mask,
+                                                 args.thought_coef, args.clip_coef)
                 kl_ref = kl_penalty(logprobs, ref_logprobs, token_mask)
                 v_loss = value_loss(values, mb_old_v, mb_ret, args.clip_coef if args.clip_vloss else None)  # Eq. 4
                 loss = args.vf_coef * v_loss if value_only else pg_loss + args.kl_beta * kl_ref + args.vf_coef * v_loss
@@ -383,6 +433,8 @@ def resolve_args(args):
         fail(f"--micro-batch-size {args.micro_batch_size} must divide --minibatch-size {args.minibatch_size}")
     if args.num_iterations < 1:
         fail(f"--total-timesteps {args.total_timesteps} is less than one rollout ({args.batch_size} env steps)")
+    if args.thought_coef < 0:
+        fail(f"--thought-coef must be >= 0, got {args.thought_coef}")
     if args.temperature <= 0:
         fail(f"--temperature must be > 0 (sampling from the policy), got {args.temperature}")
     return args
@@ -419,13 +471,12 @@ if __name__ == "__main__":
                               invalid_action_penalty=args.invalid_action_penalty, frame_size=args.frame_size)
                 for _ in range(args.num_envs)]
     policy, processor = load_policy(args.model_id, device, args.lora_r, args.lora_alpha, args.lora_dropout)
-    agent = Agent(policy, args.temperature)
+    agent = Agent(policy, args.temperature, args.value_stop_grad)
     if (Path(args.model_id) / "value_head.pt").exists():  # resuming from a vldac checkpoint
         agent.value_head.load_state_dict(torch.load(Path(args.model_id) / "value_head.pt", map_location=device))
     # one Adam group for the policy (LoRA or full) and the value head, as the paper
     optimizer = torch.optim.Adam([p for p in agent.parameters() if p.requires_grad], lr=args.learning_rate, eps=1e-5)
     runner = rollout.EnvRunner(env_list, args.seed)
-    pad_token_id = processor.tokenizer.pad_token_id
     print(f"{run_name}: {sum(p.numel() for p in agent.parameters() if p.requires_grad):,} trainable parameters, "
           f"{args.num_iterations} iterations of {args.batch_size} env steps on {device}", flush=True)
 
@@ -453,7 +504,7 @@ if __name__ == "__main__":
         # 4. PPO epochs: per-token clipped surrogate (Eq. 3), value loss on the detached head (Eq. 4),
         #    k3 KL to the reference, L = L_pol + beta L_KL + alpha L_val (Eq. 6); value-only warm-up first
         warmup = iteration <= args.value_warmup_iters
-        stats = update(agent, optimizer, batch, advantages, returns, args, pad_token_id, value_only=warmup)
+        stats = update(agent, optimizer, batch, advantages, returns, args, processor.tokenizer, value_only=warmup)
 
         # 5. Logging: x-axis = env steps
         y_pred, y_true = batch.values.flatten().numpy(), returns.flatten().numpy()
