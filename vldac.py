@@ -10,12 +10,13 @@ import json
 import math
 import bisect
 import os
+import pickle
 import random
 import re
 import socket
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal, Optional
 from urllib.parse import urlparse
@@ -56,6 +57,10 @@ class Args:
     """where --save-model writes (default: runs/{run_name}/model)"""
     eval_episodes: int = 50
     """after --save-model, greedy evaluation episodes with evaluate.py (paper: 50); 0 skips it"""
+    checkpoint_every: int = 10
+    """write runs/{run_name}/checkpoint.pt every this many updates and after the last, atomically; 0: never"""
+    resume: Optional[str] = None
+    """a run directory (runs/{run_name}): continue it from its last checkpoint, with that run's own flags"""
 
     # Environment
     env_id: str = "gym_cards/NumberLine-v0"
@@ -371,6 +376,7 @@ def update(agent, optimizer, batch, advantages, returns, args, tokenizer, value_
     trainable = [p for p in agent.parameters() if p.requires_grad]
     old_values, flat_adv, flat_ret = batch.values.flatten(), advantages.flatten(), returns.flatten()  # (T * N,)
     stats = dict.fromkeys(["policy_loss", "value_loss", "kl_ref", "old_approx_kl", "approx_kl", "clipfrac"], 0.0)
+    skipped_updates = 0
     for epoch in range(args.update_epochs):
         order = torch.randperm(args.batch_size)
         for start in range(0, args.batch_size, args.minibatch_size):
@@ -408,9 +414,13 @@ def update(agent, optimizer, batch, advantages, returns, args, tokenizer, value_
                                                                token_mask).mean())
                     for key, value in step_stats.items():
                         stats[key] += value.item() * len(index) / (args.update_epochs * args.batch_size)
-            nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
+            grad_norm = nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
+            if not torch.isfinite(grad_norm):  # a NaN/inf loss or gradient: skip, never let it reach the weights
+                skipped_updates += 1
+                continue
             optimizer.step()
-    return stats
+    optimizer.zero_grad()  # no non-finite gradient left behind
+    return {**stats, "skipped_updates": skipped_updates}
 
 
 def resolve_args(args):
@@ -431,6 +441,8 @@ def resolve_args(args):
         fail(f"--minibatch-size {args.minibatch_size} must divide num_envs * num_steps = {args.batch_size}")
     if args.minibatch_size % args.micro_batch_size:
         fail(f"--micro-batch-size {args.micro_batch_size} must divide --minibatch-size {args.minibatch_size}")
+    if args.checkpoint_every < 0:
+        fail(f"--checkpoint-every must be >= 0, got {args.checkpoint_every}")
     if args.num_iterations < 1:
         fail(f"--total-timesteps {args.total_timesteps} is less than one rollout ({args.batch_size} env steps)")
     if args.thought_coef < 0:
@@ -449,17 +461,65 @@ def save(path, agent, processor, args):
     (path / "args.json").write_text(json.dumps(asdict(args), indent=2))
 
 
+def save_checkpoint(path, agent, optimizer, runner, args, run_name, iteration, global_step):
+    """Everything a run needs to continue: trainable weights (LoRA or full, value head), Adam, the RNG
+    states, the env runner, the counters. Written to a temp file, then renamed over the last checkpoint, so
+    a kill at any moment leaves the previous complete checkpoint or the new one, never half of one."""
+    try:  # the envs mid-episode; MiniWorld's GL envs do not pickle: a resumed run starts new episodes there
+        runner_state = pickle.dumps(runner)
+    except (TypeError, AttributeError, pickle.PicklingError):
+        runner_state = None
+    state = dict(args=asdict(args), run_name=run_name, iteration=iteration, global_step=global_step,
+                 trainable={n: p.detach().cpu() for n, p in agent.named_parameters() if p.requires_grad},
+                 optimizer=optimizer.state_dict(), runner=runner_state,
+                 rng=dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
+                          cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None))
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)  # atomic on POSIX
+
+
+def load_checkpoint(run_dir):
+    """The last checkpoint of a run directory (a pickle: load only checkpoints you wrote)."""
+    path = Path(run_dir) / "checkpoint.pt"
+    if not path.is_file():
+        fail(f"--resume {run_dir!r} is not a vldac run directory: no checkpoint.pt in it (see --checkpoint-every)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        fail(f"--resume {run_dir!r}: cannot read checkpoint.pt ({type(e).__name__}: {str(e).splitlines()[0]})")
+
+
+def restore_rng(rng):
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
 if __name__ == "__main__":
-    args = resolve_args(tyro.cli(Args))
-    run_name = f"{args.env_id.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    args = tyro.cli(Args)
+    checkpoint = load_checkpoint(args.resume) if args.resume else None
+    if checkpoint:  # the run continues with its own flags
+        args = replace(Args(**checkpoint["args"]), resume=args.resume)
+    args = resolve_args(args)
+    run_name = checkpoint["run_name"] if checkpoint else \
+        f"{args.env_id.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = Path(args.resume or f"runs/{run_name}")
     if args.track:
         import wandb
 
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
                    config=vars(args), name=run_name, save_code=True)
-    writer = SummaryWriter(f"runs/{run_name}")
-    writer.add_text("hyperparameters",
-                    "|param|value|\n|-|-|\n" + "\n".join(f"|{key}|{value}|" for key, value in vars(args).items()))
+    # resuming: TensorBoard hides what the crashed run logged after its checkpoint (steps >= purge_step)
+    writer = SummaryWriter(str(run_dir), purge_step=checkpoint["global_step"] + 1 if checkpoint else None)
+    if not checkpoint:
+        writer.add_text("hyperparameters",
+                        "|param|value|\n|-|-|\n" + "\n".join(f"|{key}|{value}|" for key, value in vars(args).items()))
 
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -467,9 +527,12 @@ if __name__ == "__main__":
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
-    env_list = [envs.make_env(args.env_id, num_frames=args.num_frames, text_obs=args.text_obs,
-                              invalid_action_penalty=args.invalid_action_penalty, frame_size=args.frame_size)
-                for _ in range(args.num_envs)]
+    try:
+        env_list = [envs.make_env(args.env_id, num_frames=args.num_frames, text_obs=args.text_obs,
+                                  invalid_action_penalty=args.invalid_action_penalty, frame_size=args.frame_size)
+                    for _ in range(args.num_envs)]
+    except RuntimeError as e:  # MiniWorld without a working GL context: the message says what to install
+        fail(str(e))
     policy, processor = load_policy(args.model_id, device, args.lora_r, args.lora_alpha, args.lora_dropout)
     agent = Agent(policy, args.temperature, args.value_stop_grad)
     if (Path(args.model_id) / "value_head.pt").exists():  # resuming from a vldac checkpoint
@@ -477,11 +540,21 @@ if __name__ == "__main__":
     # one Adam group for the policy (LoRA or full) and the value head, as the paper
     optimizer = torch.optim.Adam([p for p in agent.parameters() if p.requires_grad], lr=args.learning_rate, eps=1e-5)
     runner = rollout.EnvRunner(env_list, args.seed)
+    global_step, start_iteration = 0, 1
+    if checkpoint:  # weights, Adam, RNG and envs as they were after update `iteration`; the next one follows
+        agent.load_state_dict(checkpoint["trainable"], strict=False)
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        restore_rng(checkpoint["rng"])
+        if checkpoint["runner"] is not None:
+            runner = pickle.loads(checkpoint["runner"])
+            env_list = runner.envs
+        global_step, start_iteration = checkpoint["global_step"], checkpoint["iteration"] + 1
+        print(f"resumed {run_dir} after iteration {checkpoint['iteration']} ({global_step} env steps)", flush=True)
     print(f"{run_name}: {sum(p.numel() for p in agent.parameters() if p.requires_grad):,} trainable parameters, "
           f"{args.num_iterations} iterations of {args.batch_size} env steps on {device}", flush=True)
 
-    global_step, start_time = 0, time.time()
-    for iteration in range(1, args.num_iterations + 1):
+    start_step, start_time = global_step, time.time()
+    for iteration in range(start_iteration, args.num_iterations + 1):
         # cosine learning rate from learning_rate to end_learning_rate over the iterations (Table 6)
         progress = (iteration - 1) / max(1, args.num_iterations - 1)
         cosine = 0.5 * (1 + math.cos(math.pi * progress))  # 1 -> 0
@@ -510,7 +583,7 @@ if __name__ == "__main__":
         y_pred, y_true = batch.values.flatten().numpy(), returns.flatten().numpy()
         var_y = np.var(y_true)
         explained_var = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
-        sps = global_step / (time.time() - start_time)
+        sps = (global_step - start_step) / (time.time() - start_time)
         writer.add_scalar("charts/learning_rate", lr, global_step)
         writer.add_scalar("charts/SPS", sps, global_step)
         writer.add_scalar("charts/parse_failure_rate", batch.parse_failures / args.batch_size, global_step)
@@ -521,6 +594,7 @@ if __name__ == "__main__":
             writer.add_scalar("charts/episodic_return", episode_means["episodic_return"], global_step)
             writer.add_scalar("charts/episodic_length", episode_means["episodic_length"], global_step)
             writer.add_scalar("charts/success_rate", episode_means["success"], global_step)
+        writer.add_scalar("charts/skipped_updates", stats.pop("skipped_updates"), global_step)  # NaN/inf guard
         for key, value in stats.items():
             writer.add_scalar(f"losses/{key}", value, global_step)
         writer.add_scalar("losses/explained_variance", explained_var, global_step)
@@ -530,8 +604,13 @@ if __name__ == "__main__":
               f"policy {stats['policy_loss']:.4f} value {stats['value_loss']:.4f} kl_ref {stats['kl_ref']:.4f} "
               f"clipfrac {stats['clipfrac']:.3f}" + (" (value warm-up)" if warmup else ""), flush=True)
 
+        # 6. Checkpoint (--resume continues from here): after logging, so a resumed run logs the next step
+        if args.checkpoint_every and (iteration % args.checkpoint_every == 0 or iteration == args.num_iterations):
+            writer.flush()
+            save_checkpoint(run_dir / "checkpoint.pt", agent, optimizer, runner, args, run_name, iteration, global_step)
+
     if args.save_model:
-        path = Path(args.save_dir or f"runs/{run_name}/model")
+        path = Path(args.save_dir or run_dir / "model")
         save(path, agent, processor, args)
         print(f"model saved to {path}")
         if args.eval_episodes > 0:  # CleanRL's pattern: evaluate the saved policy, log episodic returns
