@@ -397,18 +397,38 @@ def test_hostile_answers_through_the_env_never_execute(tmp_path, monkeypatch):
     assert not re.search(r"\b(eval|exec)\b", Path(envs.__file__).read_text()), "no eval/exec in envs.py"
 
 
-@settings(max_examples=400, deadline=None)
-@given(
-    text=st.one_of(
-        st.text(),
-        st.text(alphabet='{}[]"\':,action +-=0123 \n\\', max_size=60),
-        st.builds(lambda a, b: a + '{"action": ' + b, st.text(max_size=20), st.text(max_size=20)),
-    ),
-    actions=st.sampled_from([NL, MW, P24, ["stand", "hit"]]),
+UNTRUSTED_TEXT = st.one_of(
+    st.text(),
+    st.text(alphabet='{}[]"\':,action +-=0123 \n\\', max_size=60),
+    st.builds(lambda a, b: a + '{"action": ' + b, st.text(max_size=20), st.text(max_size=20)),
+    st.builds(lambda a, h: a + h, st.text(max_size=20), st.sampled_from(HOSTILE)),
 )
+# every env's own action list: the four gym-cards games and MiniWorld
+ALL_ACTIONS = [envs.make_env(env_id).actions for env_id in envs.CARD_IDS] + [MW]
+
+
+@settings(max_examples=400, deadline=None)
+@given(text=UNTRUSTED_TEXT, actions=st.sampled_from(ALL_ACTIONS))
 def test_parse_fuzz_never_raises_and_is_valid(text, actions):
     action, failed = envs.parse_action(text, actions, np.random.default_rng(0))
     assert isinstance(action, int) and 0 <= action < len(actions) and isinstance(failed, bool)
+
+
+@lru_cache(maxsize=None)
+def fuzz_env(env_id):
+    env = envs.make_env(env_id)
+    env.reset(seed=0)
+    return env
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=UNTRUSTED_TEXT, env_id=st.sampled_from(envs.CARD_IDS))
+def test_env_step_fuzz_never_raises_and_plays_a_valid_action(text, env_id):
+    env = fuzz_env(env_id)
+    _, reward, terminated, truncated, info = env.step(text)
+    assert 0 <= info["action"] < len(env.actions) and math.isfinite(reward)
+    if terminated or truncated:
+        env.reset()
 
 
 def test_invalid_action_penalty_and_info():
