@@ -1093,6 +1093,94 @@ def test_cli_errors_exit_2(tmp_path):
     assert "--model-id tiny" in result.stderr and time.time() - start < 60
 
 
+# ---- torchrun: data parallel over 2 gloo processes on the CPU
+
+DDP_WORKER = """
+import sys
+import torch, torch.distributed as dist
+import envs, rollout, vldac
+
+tiny_dir, out = sys.argv[1], sys.argv[2]
+torch.set_num_threads(1)
+dist.init_process_group("gloo")
+args = vldac.resolve_args(vldac.Args(env_id="gym_cards/NumberLine-v0", model_id=tiny_dir, num_envs=2, num_steps=2,
+                                     total_timesteps=8, minibatch_size=4, micro_batch_size=2, max_new_tokens=6,
+                                     update_epochs=1, lora_r=0))
+torch.manual_seed(0)  # as vldac.py: the same seed on every rank for the initial weights
+policy, processor = vldac.load_policy(tiny_dir, "cpu")
+agent = vldac.Agent(policy, args.temperature)
+optimizer = torch.optim.Adam([p for p in agent.parameters() if p.requires_grad], lr=1e-3, eps=1e-5)
+torch.manual_seed(1 + vldac.RANK)
+runner = rollout.EnvRunner([envs.make_env(args.env_id) for _ in range(2)], 1 + vldac.RANK * 10**6)
+batch = runner.collect(agent, processor, args.num_steps, args.temperature, args.max_new_tokens)
+adv, ret = vldac.compute_gae(batch.rewards, batch.values, batch.terminated, batch.truncated, batch.bootstrap_values,
+                             batch.last_values, args.gamma, args.gae_lambda)
+stats = vldac.update(agent, optimizer, batch, vldac.normalize_advantages(adv), ret, args, processor.tokenizer)
+params = {n: p.detach().clone() for n, p in agent.named_parameters() if p.requires_grad}
+gathered = [None, None]
+dist.all_gather_object(gathered, dict(params=params, batch=batch, adv=adv, ret=ret, stats=stats))
+if vldac.RANK == 0:
+    torch.save(gathered, out)
+dist.destroy_process_group()
+"""
+
+
+def torchrun(cwd, *argv):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(HERE)}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           *argv], cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
+
+
+def test_two_ranks_equal_one_rank_over_the_union(tiny_dir, tmp_path):
+    """The first update of 2 gloo ranks = one process updating on both ranks' rollouts together
+    (one minibatch, one epoch: the mean gradient over 8 env steps = the mean of two 4-step means)."""
+    (tmp_path / "worker.py").write_text(DDP_WORKER)
+    result = torchrun(tmp_path, "worker.py", str(tiny_dir), str(tmp_path / "out.pt"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0, rank1 = torch.load(tmp_path / "out.pt", weights_only=False)
+    assert all(torch.equal(rank0["params"][n], rank1["params"][n]) for n in rank0["params"])  # ranks agree
+    assert rank0["batch"].rewards.shape == (2, 2)
+    assert [s["input_ids"].tolist() for s in rank0["batch"].steps] != [s["input_ids"].tolist() for s in
+                                                                       rank1["batch"].steps] or \
+        [s["response_ids"].tolist() for s in rank0["batch"].steps] != [s["response_ids"].tolist() for s in
+                                                                       rank1["batch"].steps]  # own rollouts
+    # one process, 4 envs: the two rollouts side by side, env-major within each step (index t * 4 + env)
+    b0, b1 = rank0["batch"], rank1["batch"]
+    interleave = lambda a, b: [x for t in range(2) for x in a[t * 2:(t + 1) * 2] + b[t * 2:(t + 1) * 2]]  # noqa: E731
+    union = rollout.Rollout(steps=interleave(b0.steps, b1.steps), logprobs=interleave(b0.logprobs, b1.logprobs),
+                            ref_logprobs=interleave(b0.ref_logprobs, b1.ref_logprobs),
+                            values=torch.cat([b0.values, b1.values], 1), rewards=None, terminated=None, truncated=None,
+                            bootstrap_values=None, last_values=None, episodes=[], parse_failures=0, response_tokens=0)
+    adv, ret = torch.cat([rank0["adv"], rank1["adv"]], 1), torch.cat([rank0["ret"], rank1["ret"]], 1)
+    args = make_args(tiny_dir, num_envs=4, num_steps=2, total_timesteps=8, minibatch_size=8, micro_batch_size=2,
+                     update_epochs=1)
+    agent, processor = make_agent(args, seed=0)
+    optimizer = torch.optim.Adam([p for p in agent.parameters() if p.requires_grad], lr=1e-3, eps=1e-5)
+    stats = vldac.update(agent, optimizer, union, vldac.normalize_advantages(adv), ret, args, processor.tokenizer)
+    for n, p in agent.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.detach(), rank0["params"][n], atol=2e-6, rtol=1e-5, msg=n)
+    for key in ("policy_loss", "value_loss", "kl_ref"):  # rank means, averaged as vldac.py logs them
+        assert abs(stats[key] - (rank0["stats"][key] + rank1["stats"][key]) / 2) < 1e-5, key
+
+
+def test_torchrun_script_only_rank_0_logs_and_saves(tiny_dir, tmp_path):
+    flags = [*SMOKE, "--total-timesteps", "40", "--checkpoint-every", "1", "--eval-episodes", "0",
+             "--model-id", str(tiny_dir)]  # the later --total-timesteps wins
+    result = torchrun(tmp_path, str(HERE / "vldac.py"), *flags)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("iter ") == 2 and "x 2 rank(s)" in result.stdout, result.stdout  # 2 x 2 x 5 steps
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    events = list(run_dir.glob("events.out.tfevents.*"))
+    assert len(events) == 1 and (run_dir / "model" / "value_head.pt").exists()
+    assert {p.name for p in run_dir.iterdir()} == {events[0].name, "checkpoint.pt", "model"}
+    assert [step for step, _ in scalars(run_dir)["losses/value_loss"]] == [20, 40]  # both ranks' env steps
+    assert len(torch.load(run_dir / "checkpoint.pt", weights_only=False)["per_rank"]) == 2
+    result = run_script(tmp_path, "--resume", str(run_dir))  # one process cannot continue a 2-rank run
+    assert result.returncode == 2 and "2 rank(s)" in result.stderr, result.stderr
+
+
+
 # ---- tiny_vlm.py (the offline stand-in for a pretrained checkpoint) ----
 
 

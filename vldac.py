@@ -23,6 +23,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import tyro
 from huggingface_hub import constants as hub_constants
@@ -314,6 +315,12 @@ def compute_gae(rewards, values, terminated, truncated, bootstrap_values, last_v
     return advantages, advantages + values
 
 
+def normalize_advantages(advantages):
+    """Zero mean, unit std over the whole rollout, of every rank under torchrun (the authors' code)."""
+    every_advantage = all_ranks(advantages.flatten())  # (T * N * ranks,)
+    return (advantages - every_advantage.mean()) / (every_advantage.std() + 1e-8)
+
+
 def policy_loss(logprobs, old_logprobs, advantages, token_mask, clip_coef):
     """Eq. 3: per-token clipped surrogate, every token weighted by its step's advantage; mean over each
     step's tokens, then over steps."""
@@ -414,6 +421,7 @@ def update(agent, optimizer, batch, advantages, returns, args, tokenizer, value_
                                                                token_mask).mean())
                     for key, value in step_stats.items():
                         stats[key] += value.item() * len(index) / (args.update_epochs * args.batch_size)
+            average_gradients(trainable)  # data parallel: the same gradient, hence the same step, on every rank
             grad_norm = nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
             if not torch.isfinite(grad_norm):  # a NaN/inf loss or gradient: skip, never let it reach the weights
                 skipped_updates += 1
@@ -433,7 +441,7 @@ def resolve_args(args):
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.batch_size = args.num_envs * args.num_steps
-    args.num_iterations = args.total_timesteps // args.batch_size
+    args.num_iterations = args.total_timesteps // (args.batch_size * WORLD_SIZE)  # torchrun: every rank rolls out
     for name in ("num_envs", "num_steps", "minibatch_size", "micro_batch_size", "update_epochs", "max_new_tokens"):
         if getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -444,12 +452,47 @@ def resolve_args(args):
     if args.checkpoint_every < 0:
         fail(f"--checkpoint-every must be >= 0, got {args.checkpoint_every}")
     if args.num_iterations < 1:
-        fail(f"--total-timesteps {args.total_timesteps} is less than one rollout ({args.batch_size} env steps)")
+        fail(f"--total-timesteps {args.total_timesteps} is less than one rollout "
+             f"({args.batch_size * WORLD_SIZE} env steps over {WORLD_SIZE} rank(s))")
     if args.thought_coef < 0:
         fail(f"--thought-coef must be >= 0, got {args.thought_coef}")
     if args.temperature <= 0:
         fail(f"--temperature must be > 0 (sampling from the policy), got {args.temperature}")
     return args
+
+
+# Data parallel (torchrun sets these): each rank rolls out its own envs, gradients and statistics are averaged
+# over ranks. Without torchrun this is rank 0 of 1 and the helpers below return their input.
+RANK, LOCAL_RANK, WORLD_SIZE = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
+
+
+def all_ranks(x):
+    """x (n, ...) of every rank, concatenated in rank order, (n * WORLD_SIZE, ...)."""
+    if WORLD_SIZE == 1:
+        return x
+    y = x.to(f"cuda:{LOCAL_RANK}") if dist.get_backend() == "nccl" else x.contiguous()  # nccl: GPU tensors only
+    parts = [torch.empty_like(y) for _ in range(WORLD_SIZE)]
+    dist.all_gather(parts, y)
+    return torch.cat(parts).to(x.device)
+
+
+def sum_over_ranks(x):
+    if WORLD_SIZE == 1:
+        return x
+    y = x.to(f"cuda:{LOCAL_RANK}") if dist.get_backend() == "nccl" else x.clone()
+    dist.all_reduce(y)
+    return y.to(x.device)
+
+
+def average_gradients(params):
+    """What DDP would do, by hand: DDP hooks a module's forward(), and ours runs generate() and a scoring
+    forward of the inner model instead. One all-reduce of the flattened gradients (LoRA: a few MB)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if WORLD_SIZE == 1 or not grads:
+        return
+    flat = sum_over_ranks(torch.cat([g.flatten() for g in grads])) / WORLD_SIZE
+    for g, avg in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(avg.view_as(g))
 
 
 def save(path, agent, processor, args):
@@ -469,11 +512,17 @@ def save_checkpoint(path, agent, optimizer, runner, args, run_name, iteration, g
         runner_state = pickle.dumps(runner)
     except (TypeError, AttributeError, pickle.PicklingError):
         runner_state = None
+    rng = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
+               cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+    per_rank = [dict(runner=runner_state, rng=rng)]  # envs and RNGs differ per rank; rank 0 writes them all
+    if WORLD_SIZE > 1:
+        per_rank = [None] * WORLD_SIZE
+        dist.all_gather_object(per_rank, dict(runner=runner_state, rng=rng))
+    if RANK != 0:
+        return
     state = dict(args=asdict(args), run_name=run_name, iteration=iteration, global_step=global_step,
                  trainable={n: p.detach().cpu() for n, p in agent.named_parameters() if p.requires_grad},
-                 optimizer=optimizer.state_dict(), runner=runner_state,
-                 rng=dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
-                          cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None))
+                 optimizer=optimizer.state_dict(), per_rank=per_rank)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         torch.save(state, f)
@@ -488,9 +537,12 @@ def load_checkpoint(run_dir):
     if not path.is_file():
         fail(f"--resume {run_dir!r} is not a vldac run directory: no checkpoint.pt in it (see --checkpoint-every)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
         fail(f"--resume {run_dir!r}: cannot read checkpoint.pt ({type(e).__name__}: {str(e).splitlines()[0]})")
+    if len(checkpoint["per_rank"]) != WORLD_SIZE:
+        fail(f"--resume {run_dir!r}: the run had {len(checkpoint['per_rank'])} rank(s), resume it with as many")
+    return checkpoint
 
 
 def restore_rng(rng):
@@ -510,22 +562,26 @@ if __name__ == "__main__":
     run_name = checkpoint["run_name"] if checkpoint else \
         f"{args.env_id.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = Path(args.resume or f"runs/{run_name}")
-    if args.track:
+    use_cuda = torch.cuda.is_available() and args.cuda
+    if WORLD_SIZE > 1:  # launched by torchrun: one process per GPU (nccl), or per share of the CPU (gloo)
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    if args.track and RANK == 0:
         import wandb
 
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
                    config=vars(args), name=run_name, save_code=True)
-    # resuming: TensorBoard hides what the crashed run logged after its checkpoint (steps >= purge_step)
-    writer = SummaryWriter(str(run_dir), purge_step=checkpoint["global_step"] + 1 if checkpoint else None)
-    if not checkpoint:
+    writer = None  # rank 0 logs; resuming, TensorBoard hides what the crashed run logged after its checkpoint
+    if RANK == 0:
+        writer = SummaryWriter(str(run_dir), purge_step=checkpoint["global_step"] + 1 if checkpoint else None)
+    if RANK == 0 and not checkpoint:
         writer.add_text("hyperparameters",
                         "|param|value|\n|-|-|\n" + "\n".join(f"|{key}|{value}|" for key, value in vars(args).items()))
 
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
+    random.seed(args.seed + RANK)
+    np.random.seed(args.seed + RANK)
+    torch.manual_seed(args.seed)  # the same on every rank: the same value-head initialisation
     torch.backends.cudnn.deterministic = args.torch_deterministic
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    device = torch.device(f"cuda:{LOCAL_RANK}" if use_cuda else "cpu")
 
     try:
         env_list = [envs.make_env(args.env_id, num_frames=args.num_frames, text_obs=args.text_obs,
@@ -535,23 +591,28 @@ if __name__ == "__main__":
         fail(str(e))
     policy, processor = load_policy(args.model_id, device, args.lora_r, args.lora_alpha, args.lora_dropout)
     agent = Agent(policy, args.temperature, args.value_stop_grad)
-    if (Path(args.model_id) / "value_head.pt").exists():  # resuming from a vldac checkpoint
+    if (Path(args.model_id) / "value_head.pt").exists():  # starting from a vldac checkpoint
         agent.value_head.load_state_dict(torch.load(Path(args.model_id) / "value_head.pt", map_location=device))
     # one Adam group for the policy (LoRA or full) and the value head, as the paper
     optimizer = torch.optim.Adam([p for p in agent.parameters() if p.requires_grad], lr=args.learning_rate, eps=1e-5)
-    runner = rollout.EnvRunner(env_list, args.seed)
+    # env i of rank r starts from seed + r * 10^6 + i: ranks far apart, so no episode seed repeats across ranks
+    runner = rollout.EnvRunner(env_list, args.seed + RANK * 10**6)
+    if WORLD_SIZE > 1:
+        torch.manual_seed(args.seed + RANK)  # each rank samples its own responses
     global_step, start_iteration = 0, 1
     if checkpoint:  # weights, Adam, RNG and envs as they were after update `iteration`; the next one follows
         agent.load_state_dict(checkpoint["trainable"], strict=False)
         optimizer.load_state_dict(checkpoint["optimizer"])
-        restore_rng(checkpoint["rng"])
-        if checkpoint["runner"] is not None:
-            runner = pickle.loads(checkpoint["runner"])
+        restore_rng(checkpoint["per_rank"][RANK]["rng"])
+        if checkpoint["per_rank"][RANK]["runner"] is not None:
+            runner = pickle.loads(checkpoint["per_rank"][RANK]["runner"])
             env_list = runner.envs
         global_step, start_iteration = checkpoint["global_step"], checkpoint["iteration"] + 1
         print(f"resumed {run_dir} after iteration {checkpoint['iteration']} ({global_step} env steps)", flush=True)
-    print(f"{run_name}: {sum(p.numel() for p in agent.parameters() if p.requires_grad):,} trainable parameters, "
-          f"{args.num_iterations} iterations of {args.batch_size} env steps on {device}", flush=True)
+    if RANK == 0:
+        print(f"{run_name}: {sum(p.numel() for p in agent.parameters() if p.requires_grad):,} trainable parameters, "
+              f"{args.num_iterations} iterations of {args.batch_size} env steps x {WORLD_SIZE} rank(s) on {device}",
+              flush=True)
 
     start_step, start_time = global_step, time.time()
     for iteration in range(start_iteration, args.num_iterations + 1):
@@ -564,52 +625,60 @@ if __name__ == "__main__":
         # 1. Rollout: num_envs envs x num_steps env steps; per step one batched generate and one scoring
         #    forward giving log pi_old per token (at temperature T), V_old(s_t) and log pi_ref per token
         batch = runner.collect(agent, processor, args.num_steps, args.temperature, args.max_new_tokens)
-        global_step += args.batch_size
+        global_step += args.batch_size * WORLD_SIZE
 
         # 2. GAE over ENV STEPS (one value per step, never per token); truncations bootstrap, terminals do not
         advantages, returns = compute_gae(batch.rewards, batch.values, batch.terminated, batch.truncated,
                                           batch.bootstrap_values, batch.last_values, args.gamma, args.gae_lambda)
 
-        # 3. Advantage normalisation over the whole rollout; returns R_t = A_t + V_old(s_t) stay unnormalised
+        # 3. Advantage normalisation over the whole rollout (all ranks'); returns R_t = A_t + V_old(s_t) stay raw
         if args.norm_adv:
-            advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+            advantages = normalize_advantages(advantages)
 
         # 4. PPO epochs: per-token clipped surrogate (Eq. 3), value loss on the detached head (Eq. 4),
         #    k3 KL to the reference, L = L_pol + beta L_KL + alpha L_val (Eq. 6); value-only warm-up first
         warmup = iteration <= args.value_warmup_iters
         stats = update(agent, optimizer, batch, advantages, returns, args, processor.tokenizer, value_only=warmup)
 
-        # 5. Logging: x-axis = env steps
-        y_pred, y_true = batch.values.flatten().numpy(), returns.flatten().numpy()
+        # 5. Logging: x-axis = env steps; every statistic over all ranks' env steps and episodes
+        y_pred, y_true = all_ranks(batch.values.flatten()).numpy(), all_ranks(returns.flatten()).numpy()
         var_y = np.var(y_true)
         explained_var = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
+        stats = dict(zip(stats, (sum_over_ranks(torch.tensor(list(stats.values()), dtype=torch.float64))
+                                 / WORLD_SIZE).tolist()))  # each rank's mean over as many env steps
+        episodes = torch.tensor([[e["episodic_return"], e["episodic_length"], e["success"]] for e in batch.episodes],
+                                dtype=torch.float64).reshape(-1, 3)  # (episodes, 3)
+        sums = sum_over_ranks(torch.cat([episodes.sum(0), torch.tensor(
+            [len(episodes), batch.parse_failures, batch.response_tokens], dtype=torch.float64)])).tolist()
+        num_episodes = int(sums[3])
+        episodic_return, episodic_length, success = (x / num_episodes if num_episodes else float("nan")
+                                                     for x in sums[:3])
+        parse_failure_rate, response_tokens = sums[4] / (args.batch_size * WORLD_SIZE), sums[5] / WORLD_SIZE
         sps = (global_step - start_step) / (time.time() - start_time)
-        writer.add_scalar("charts/learning_rate", lr, global_step)
-        writer.add_scalar("charts/SPS", sps, global_step)
-        writer.add_scalar("charts/parse_failure_rate", batch.parse_failures / args.batch_size, global_step)
-        writer.add_scalar("charts/response_tokens", batch.response_tokens, global_step)
-        episode_means = {key: float(np.mean([e[key] for e in batch.episodes])) if batch.episodes else float("nan")
-                         for key in ("episodic_return", "episodic_length", "success")}
-        if batch.episodes:
-            writer.add_scalar("charts/episodic_return", episode_means["episodic_return"], global_step)
-            writer.add_scalar("charts/episodic_length", episode_means["episodic_length"], global_step)
-            writer.add_scalar("charts/success_rate", episode_means["success"], global_step)
-        writer.add_scalar("charts/skipped_updates", stats.pop("skipped_updates"), global_step)  # NaN/inf guard
-        for key, value in stats.items():
-            writer.add_scalar(f"losses/{key}", value, global_step)
-        writer.add_scalar("losses/explained_variance", explained_var, global_step)
-        print(f"iter {iteration}/{args.num_iterations} steps {global_step} SPS {sps:.1f} | "
-              f"success {episode_means['success']:.2f} return {episode_means['episodic_return']:.2f} "
-              f"({len(batch.episodes)} episodes) parse_fail {batch.parse_failures / args.batch_size:.2f} | "
-              f"policy {stats['policy_loss']:.4f} value {stats['value_loss']:.4f} kl_ref {stats['kl_ref']:.4f} "
-              f"clipfrac {stats['clipfrac']:.3f}" + (" (value warm-up)" if warmup else ""), flush=True)
+        if RANK == 0:
+            writer.add_scalar("charts/learning_rate", lr, global_step)
+            writer.add_scalar("charts/SPS", sps, global_step)
+            writer.add_scalar("charts/parse_failure_rate", parse_failure_rate, global_step)
+            writer.add_scalar("charts/response_tokens", response_tokens, global_step)
+            if num_episodes:
+                writer.add_scalar("charts/episodic_return", episodic_return, global_step)
+                writer.add_scalar("charts/episodic_length", episodic_length, global_step)
+                writer.add_scalar("charts/success_rate", success, global_step)
+            writer.add_scalar("charts/skipped_updates", stats.pop("skipped_updates"), global_step)  # NaN/inf guard
+            for key, value in stats.items():
+                writer.add_scalar(f"losses/{key}", value, global_step)
+            writer.add_scalar("losses/explained_variance", explained_var, global_step)
+            print(f"iter {iteration}/{args.num_iterations} steps {global_step} SPS {sps:.1f} | success {success:.2f} "
+                  f"return {episodic_return:.2f} ({num_episodes} episodes) parse_fail {parse_failure_rate:.2f} | "
+                  f"policy {stats['policy_loss']:.4f} value {stats['value_loss']:.4f} kl_ref {stats['kl_ref']:.4f} "
+                  f"clipfrac {stats['clipfrac']:.3f}" + (" (value warm-up)" if warmup else ""), flush=True)
+            writer.flush()
 
         # 6. Checkpoint (--resume continues from here): after logging, so a resumed run logs the next step
         if args.checkpoint_every and (iteration % args.checkpoint_every == 0 or iteration == args.num_iterations):
-            writer.flush()
             save_checkpoint(run_dir / "checkpoint.pt", agent, optimizer, runner, args, run_name, iteration, global_step)
 
-    if args.save_model:
+    if args.save_model and RANK == 0:
         path = Path(args.save_dir or run_dir / "model")
         save(path, agent, processor, args)
         print(f"model saved to {path}")
@@ -623,4 +692,7 @@ if __name__ == "__main__":
             print(f"eval: success {result['success_rate']:.2f} over {args.eval_episodes} episodes", flush=True)
     for env in env_list:
         env.close()
-    writer.close()
+    if RANK == 0:
+        writer.close()
+    if WORLD_SIZE > 1:
+        dist.destroy_process_group()
