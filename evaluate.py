@@ -189,6 +189,11 @@ if __name__ == "__main__":
     for env_id in args.env_ids:
         if env_id not in envs.ENV_IDS:
             vldac.fail(f"unknown --env-ids {env_id!r}; valid ids: {', '.join(envs.ENV_IDS)}")
+        if env_id in envs.MINIWORLD_IDS:  # fail before loading any model if there is no GL context
+            try:
+                envs.make_env(env_id).close()
+            except RuntimeError as e:
+                vldac.fail(str(e))
     for name in ("num_episodes", "num_envs", "caption_frames"):
         if getattr(args, name) < 1:
             vldac.fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")

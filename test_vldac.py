@@ -1337,6 +1337,14 @@ def test_bad_inputs_one_line_exit_2(tmp_path, flags):
     assert not (tmp_path / "x.json").exists()
 
 
+def test_evaluate_miniworld_without_gl_one_line_exit_2(tmp_path, monkeypatch):
+    monkeypatch.setenv("PYGLET_HEADLESS", "False")
+    monkeypatch.setenv("DISPLAY", ":12345")
+    result = run_eval(tmp_path, "--env-ids", "MiniWorld-OneRoom-v0", "--output", "x.json")
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr[-2000:]
+    assert "apt-get install" in result.stderr
+
+
 # ---- learning: the quick start, shortened ----
 
 
