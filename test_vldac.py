@@ -1069,18 +1069,22 @@ def test_non_finite_loss_skips_the_step_and_is_counted(tiny_dir, monkeypatch):
     assert stats["skipped_updates"] == 2 and all(torch.equal(after_first[n], p) for n, p in agent.named_parameters())
 
 
-def test_resume_errors_exit_2(tmp_path):
+def test_resume_errors_exit_2(tmp_path, tiny_dir, capsys):
     (tmp_path / "not_a_run").mkdir()
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "checkpoint.pt").write_bytes(b"half a checkpoint")
-    for flags in (["--resume", str(tmp_path / "not_a_run")], ["--resume", str(tmp_path / "broken")],
-                  ["--checkpoint-every", "-1"], ["--env-id", "MiniWorld-OneRoom-v0"]):
-        env = dict(PYGLET_HEADLESS="False", DISPLAY=":12345") if "MiniWorld-OneRoom-v0" in flags else {}
-        result = subprocess.run([sys.executable, str(HERE / "vldac.py"), *flags], cwd=tmp_path, capture_output=True,
-                                text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", **env})
-        assert result.returncode == 2 and result.stderr.strip().count("\n") == 0, (flags, result.stderr)
-        assert "Traceback" not in result.stderr
-    assert "apt-get install" in result.stderr  # the MiniWorld case says what to install
+    for bad in (lambda: vldac.load_checkpoint(tmp_path / "not_a_run"), lambda: vldac.load_checkpoint(tmp_path / "broken"),
+                lambda: make_args(tiny_dir, checkpoint_every=-1)):
+        with pytest.raises(SystemExit) as exit_info:
+            bad()
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and err.count("\n") == 1, err
+    # MiniWorld without a GL context, through the script: no traceback, what to install
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYGLET_HEADLESS": "False", "DISPLAY": ":12345"}
+    result = subprocess.run([sys.executable, str(HERE / "vldac.py"), "--env-id", "MiniWorld-OneRoom-v0"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0, result.stderr
+    assert "apt-get install" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_cli_errors_exit_2(tmp_path):
