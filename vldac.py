@@ -3,6 +3,9 @@
 (every generated token gets its step's advantage, its own PPO ratio and clip). Run:
     python vldac.py --env-id gym_cards/NumberLine-v0                     # the tiny model, CPU
     python vldac.py --env-id MiniWorld-OneRoom-v0 --model-id Qwen/Qwen2-VL-7B-Instruct   # the paper
+    python vldac.py --resume runs/RUN_NAME                               # after a crash
+    torchrun --standalone --nproc-per-node 8 vldac.py --env-id ...       # data parallel over 8 GPUs
+    python vldac.py --policy-loss rl4vlm --thought-coef 0.5             # the RL4VLM baseline
 """
 import copy
 import functools
