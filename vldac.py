@@ -469,11 +469,16 @@ def resolve_args(args):
 RANK, LOCAL_RANK, WORLD_SIZE = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
 
 
+def communicable(x):
+    """A copy of x that the backend can send: nccl takes GPU tensors only, gloo CPU tensors as they are."""
+    return x.to(f"cuda:{LOCAL_RANK}") if dist.get_backend() == "nccl" else x.clone()
+
+
 def all_ranks(x):
     """x (n, ...) of every rank, concatenated in rank order, (n * WORLD_SIZE, ...)."""
     if WORLD_SIZE == 1:
         return x
-    y = x.to(f"cuda:{LOCAL_RANK}") if dist.get_backend() == "nccl" else x.contiguous()  # nccl: GPU tensors only
+    y = communicable(x)
     parts = [torch.empty_like(y) for _ in range(WORLD_SIZE)]
     dist.all_gather(parts, y)
     return torch.cat(parts).to(x.device)
@@ -482,7 +487,7 @@ def all_ranks(x):
 def sum_over_ranks(x):
     if WORLD_SIZE == 1:
         return x
-    y = x.to(f"cuda:{LOCAL_RANK}") if dist.get_backend() == "nccl" else x.clone()
+    y = communicable(x)
     dist.all_reduce(y)
     return y.to(x.device)
 
@@ -608,6 +613,8 @@ if __name__ == "__main__":
         optimizer.load_state_dict(checkpoint["optimizer"])
         restore_rng(checkpoint["per_rank"][RANK]["rng"])
         if checkpoint["per_rank"][RANK]["runner"] is not None:
+            for env in env_list:  # replaced by the checkpoint's envs, mid-episode
+                env.close()
             runner = pickle.loads(checkpoint["per_rank"][RANK]["runner"])
             env_list = runner.envs
         global_step, start_iteration = checkpoint["global_step"], checkpoint["iteration"] + 1
