@@ -5,7 +5,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 import warnings
 from functools import lru_cache
 from pathlib import Path
@@ -106,6 +105,21 @@ def test_number_line_reset_never_starts_on_goal():
     for seed in range(300):
         _, info = env.reset(seed=seed)
         assert info["Target"] != info["Current"] and 0 <= info["Target"] <= 5 and 0 <= info["Current"] <= 5
+
+
+def test_number_line_reset_rule_exactly():
+    """Start and goal uniform in 0..5 from the seeded generator, in that order; on a tie the goal moves to
+    (goal + 1) % 5, as the original (so a tie at 5 gives goal 1, never 0)."""
+    env = envs.NumberLineEnv()
+    ties = 0
+    for seed in range(300):
+        rng, _ = gym.utils.seeding.np_random(seed)
+        position, goal = int(rng.integers(0, 6)), int(rng.integers(0, 6))
+        if goal == position:
+            goal, ties = (goal + 1) % 5, ties + 1
+        _, info = env.reset(seed=seed)
+        assert info == {"Target": goal, "Current": position}, (seed, info)
+    assert ties > 20  # the tie rule was exercised (about 1 in 6 seeds)
 
 
 def test_number_line_random_policy_success_rate():
@@ -330,6 +344,10 @@ P24 = [str(n) for n in range(1, 11)] + ["+", "-", "*", "/", "(", ")", "="]
         ('{"thoughts": "x", "action": "3"}', MW, 3),
         ('{"thoughts": "x", "action": "move forward"}', MW, 2),
         ('{"thoughts": "x", "action": "1: turn right"}', MW, 1),
+        ("{'thoughts': 'action: +', 'action': '-'}", NL, 0),  # near-JSON: the quoted key wins over a bare one
+        ("thoughts: action = +, 'action' = '-'", NL, 0),
+        ("action = '-'", NL, 0),  # "=" separates as ":" does
+        ('{"thoughts": "x", action="hit"}', ["stand", "hit"], 1),
         ('{"thoughts": "x", "action": <0>}', MW, 0),
         ('{"response": {"thoughts": "x", "action": "turn left"}}', MW, 0),  # nested
         ("[" * 10_000 + '{"action": "+"}', NL, 1),
@@ -360,6 +378,8 @@ HOSTILE = [
         ('{"thoughts": "x", "action": true}', MW),
         ('{"thoughts": "x", "action": null}', NL),
         ('{"thoughts": "x", "action": ["+"]}', NL),
+        ('{"thoughts": "x", "action": "2: turn left"}', MW),  # index 2 is "move forward": the name disagrees
+        ('{"thoughts": "x", "action": "0: move forward"}', MW),
         ("", NL),
         ("   \n\t", NL),
         ("{" * 100_000, NL),
@@ -371,10 +391,8 @@ HOSTILE = [
 )
 def test_parse_failures_give_a_random_valid_action(text, actions, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    start = time.perf_counter()
     action, failed = envs.parse_action(text, actions, np.random.default_rng(0))
     assert failed and 0 <= action < len(actions) and isinstance(action, int)
-    assert time.perf_counter() - start < 2.0
     assert not (tmp_path / "pwned").exists()
 
 
@@ -499,20 +517,6 @@ def test_same_seed_same_episode(env_id):
     assert len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))
     c = run_episodes(env_id, 8)
     assert not (len(a) == len(c) and all(np.array_equal(x, y) for x, y in zip(a, c)))
-
-
-@pytest.mark.parametrize("env_id", envs.CARD_IDS)
-def test_card_step_is_fast(env_id):
-    env = envs.make_env(env_id)
-    env.reset(seed=0)
-    env.step(0)
-    start, n = time.perf_counter(), 300
-    for i in range(n):
-        _, _, term, trunc, _ = env.step(answer(env.actions[i % len(env.actions)]))
-        if term or trunc:
-            env.reset()
-    per_step = (time.perf_counter() - start) / n
-    assert per_step < 0.005, f"{env_id}: {per_step * 1e3:.2f} ms per step"  # ~0.1-0.3 ms on 2 CPU cores
 
 
 # -- MiniWorld
@@ -883,8 +887,10 @@ def test_rl4vlm_update_first_epoch_ratio_one_then_moves_policy(tiny_dir):
     assert any(not torch.equal(before[n], after[n]) for n in before if "language_model" in n)
 
 
-def test_warmup_freezes_policy_then_update_changes_it(tiny_dir):
-    args = make_args(tiny_dir, minibatch_size=2, micro_batch_size=1)
+@pytest.mark.parametrize("value_stop_grad", [True, False])
+def test_warmup_freezes_policy_then_update_changes_it(tiny_dir, value_stop_grad):
+    """Without the stop-gradient the value loss could reach the backbone: the warm-up must still not move it."""
+    args = make_args(tiny_dir, minibatch_size=2, micro_batch_size=1, value_stop_grad=value_stop_grad)
     agent, processor = make_agent(args)
     optimizer = torch.optim.Adam([p for p in agent.parameters() if p.requires_grad], lr=1e-3, eps=1e-5)
     runner, batch = collect(agent, processor, args)
@@ -919,6 +925,164 @@ def test_update_moves_logprob_with_advantage_sign(tiny_dir, advantage):
         logprobs, _ = agent.eval().get_logprobs_and_value(inputs, response_ids, mask)
     change = (logprobs - batch.logprobs[0])[mask].mean().item()
     assert change * advantage > 0, change
+
+
+# ---- the wiring between the formulas: reference, KL, flags, bootstrap, seeds, schedule
+
+
+def nudge_policy(agent, scale=0.05, seed=0):
+    """Move the language model's weights away from the reference (the frozen copy made at Agent init)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in agent.policy.named_parameters():
+            if p.requires_grad and "language_model" in name:
+                p.add_(scale * torch.randn(p.shape, generator=g))
+
+
+def rescore(agent, batch, pad_token_id):
+    """(policy log-probs, reference log-probs, stored old log-probs, stored ref log-probs, mask) of a whole batch."""
+    inputs, response_ids, mask = rollout.collate(batch.steps, pad_token_id, "cpu")
+    length = response_ids.shape[1]
+    with torch.no_grad():
+        logprobs, _ = agent.eval().get_logprobs_and_value(inputs, response_ids, mask)
+        ref = agent.get_reference_logprobs(inputs, response_ids, mask)
+    return (logprobs, ref, rollout.pad_stack(batch.logprobs, length), rollout.pad_stack(batch.ref_logprobs, length),
+            mask)
+
+
+@pytest.mark.parametrize("lora_r", [0, 4])
+def test_reference_stays_frozen_while_the_policy_moves(tiny_dir, lora_r):
+    """At initialisation policy == reference, so KL == 0 says nothing about which one the KL reads. After an
+    update the policy has moved, the reference still gives the rollout's (the initial model's) log-probs,
+    and kl_ref > 0."""
+    args = make_args(tiny_dir, lora_r=lora_r, update_epochs=1)
+    agent, processor = make_agent(args)
+    _, batch = collect(agent, processor, args)
+    _, ret = gae_of(batch, args)
+    optimizer = torch.optim.Adam([p for p in agent.parameters() if p.requires_grad], lr=1e-2)
+    vldac.update(agent, optimizer, batch, torch.tensor([[1.0, -1.0], [-1.0, 1.0]]), ret, args, processor.tokenizer)
+    logprobs, ref, old, ref_at_rollout, mask = rescore(agent, batch, processor.tokenizer.pad_token_id)
+    assert (logprobs - old)[mask].abs().max() > 1e-3, "the update did not move the policy"
+    assert (ref - ref_at_rollout)[mask].abs().max() < 1e-5, "the reference moved with the policy"
+    assert vldac.kl_penalty(logprobs, ref, mask) > 1e-6
+
+
+@pytest.mark.parametrize("kl_beta", [0.0, 1.0])
+def test_kl_term_pulls_the_policy_back_to_the_reference(tiny_dir, kl_beta):
+    """The policy moved away from the reference and every advantage 0: the KL term is the only loss that
+    reaches the policy (the value loss stops at the head). beta > 0 lowers kl_ref (the sign in L = L_pol +
+    beta L_KL + alpha L_val); --kl-beta 0, the ablation, leaves the policy exactly where it is."""
+    args = make_args(tiny_dir, update_epochs=1, kl_beta=kl_beta)
+    agent, processor = make_agent(args)
+    _, batch = collect(agent, processor, args)
+    nudge_policy(agent)
+    logprobs, _, _, ref, mask = rescore(agent, batch, processor.tokenizer.pad_token_id)
+    kl_before = vldac.kl_penalty(logprobs, ref, mask).item()
+    before = policy_params(agent)
+    optimizer = torch.optim.Adam([p for p in agent.parameters() if p.requires_grad], lr=1e-4)  # a small step
+    _, ret = gae_of(batch, args)
+    vldac.update(agent, optimizer, batch, torch.zeros_like(ret), ret, args, processor.tokenizer)
+    logprobs, _, _, ref, mask = rescore(agent, batch, processor.tokenizer.pad_token_id)
+    kl_after = vldac.kl_penalty(logprobs, ref, mask).item()
+    if kl_beta == 0:
+        assert all(torch.equal(before[n], p) for n, p in agent.policy.named_parameters()), "moved without a loss"
+    else:
+        assert kl_before > 1e-3 and kl_after < 0.9 * kl_before, (kl_before, kl_after)
+
+
+@pytest.mark.parametrize("policy_loss", ["token", "rl4vlm"])
+def test_policy_loss_flag_picks_the_loss(tiny_dir, policy_loss):
+    """--policy-loss reaches update(): the logged policy loss is the chosen loss over the batch, not the other.
+    (At ratio 1 both equal -mean(A); the policy is nudged first so they differ.)"""
+    args = make_args(tiny_dir, policy_loss=policy_loss, thought_coef=0.35, update_epochs=1)
+    agent, processor = make_agent(args)
+    _, batch = collect(agent, processor, args)
+    nudge_policy(agent)
+    advantages = torch.tensor([[1.0, -0.5], [2.0, -1.5]])  # (T, N), flattened as t * N + env
+    logprobs, _, old, _, mask = rescore(agent, batch, processor.tokenizer.pad_token_id)
+    flat = advantages.flatten()
+    action_mask = rollout.pad_stack([vldac.action_token_mask(processor.tokenizer, s["response_ids"])
+                                     for s in batch.steps], mask.shape[1])
+    expected = dict(token=vldac.policy_loss(logprobs, old, flat, mask, args.clip_coef).item(),
+                    rl4vlm=vldac.rl4vlm_policy_loss(logprobs, old, flat, mask, action_mask, 0.35, args.clip_coef).item())
+    assert abs(expected["token"] - expected["rl4vlm"]) > 1e-4, expected
+    optimizer = torch.optim.SGD([p for p in agent.parameters() if p.requires_grad], lr=0.0)
+    stats = vldac.update(agent, optimizer, batch, advantages, advantages + batch.values, args, processor.tokenizer)
+    assert stats["policy_loss"] == pytest.approx(expected[policy_loss], abs=1e-5), (stats, expected)
+
+
+def test_stop_grad_flag_reaches_the_agent(tiny_dir):
+    """make_agent (what vldac.py's main calls) hands --no-value-stop-grad to the Agent."""
+    for flag in (True, False):
+        agent, _ = vldac.make_agent(make_args(tiny_dir, value_stop_grad=flag), "cpu")
+        assert agent.value_stop_grad is flag
+
+
+class RecordingEnv(envs.TextEnv):
+    """A TextEnv that remembers the seeds it was reset with and the state each step left it in."""
+
+    def reset(self, *, seed=None, options=None):
+        self.seeds = getattr(self, "seeds", []) + [seed]
+        return super().reset(seed=seed, options=options)
+
+    def step(self, answer):
+        out = super().step(answer)
+        self.last_state = (out[0], self.prompt())  # (frames, prompt) the agent would see next
+        return out
+
+
+def short_number_line(max_episode_steps=2):
+    """NumberLine with a 2-step time limit: most episodes are truncated, some terminate."""
+    return RecordingEnv(gym.wrappers.TimeLimit(envs.NumberLineEnv(), max_episode_steps), envs.NumberLineEnv.ACTIONS)
+
+
+def test_rollout_bootstraps_truncation_with_the_truncated_states_value(tiny_dir):
+    """A rollout long enough to truncate: where an episode is truncated (not terminated), bootstrap_value is
+    V(truncated state), the state before the reset, computed here on its own; elsewhere it is 0."""
+    args = make_args(tiny_dir, num_steps=5, total_timesteps=10, minibatch_size=5, micro_batch_size=5)
+    agent, processor = make_agent(args)
+    env_list = [short_number_line() for _ in range(2)]
+    runner = rollout.EnvRunner(env_list, seed=0)
+    ended_states, reset = [], runner.reset
+    runner.reset = lambda i: (ended_states.append(env_list[i].last_state), reset(i))  # in (t, env) order
+    batch = runner.collect(agent, processor, args.num_steps, args.temperature, args.max_new_tokens)
+    done = batch.terminated | batch.truncated
+    assert len(ended_states) == int(done.sum())
+    bootstrapped = 0
+    for (t, i), (frames, prompt) in zip(done.nonzero().tolist(), ended_states):
+        if batch.terminated[t, i]:
+            assert batch.bootstrap_values[t, i] == 0
+            continue
+        with torch.no_grad():
+            expected = agent.get_value(rollout.prompt_inputs(processor, [frames], [prompt], "cpu"))[0]
+        assert abs(expected) > 1e-4 and abs(batch.bootstrap_values[t, i] - expected) < 1e-5, (t, i, expected)
+        bootstrapped += 1
+    assert bootstrapped >= 2 and (batch.bootstrap_values[~(batch.truncated & ~batch.terminated)] == 0).all()
+
+
+def test_env_runner_reset_seeds_never_repeat():
+    """Env i starts from seed + i; its k-th reset uses seed + i + k * num_envs: no seed twice, in any env."""
+    env_list = [short_number_line() for _ in range(3)]
+    runner = rollout.EnvRunner(env_list, seed=100)
+    order = np.random.default_rng(0).integers(3, size=60)
+    for i in order:
+        runner.reset(int(i))
+    for i, env in enumerate(env_list):
+        assert env.seeds == [100 + i + k * 3 for k in range(1 + (order == i).sum())], env.seeds
+    seeds = [seed for env in env_list for seed in env.seeds]
+    assert len(seeds) == 63 and len(set(seeds)) == 63
+
+
+def test_cosine_learning_rate_schedule():
+    """Table 6's cosine from 1e-3 to 1e-5 over 5 iterations, values by hand: lr_end + (lr - lr_end) c,
+    c = (1 + cos(pi (k - 1) / 4)) / 2 = 1, 0.853553, 0.5, 0.146447, 0."""
+    args = vldac.Args(learning_rate=1e-3, end_learning_rate=1e-5)
+    args.num_iterations = 5
+    expected = [1e-3, 1e-5 + 9.9e-4 * 0.8535534, 5.05e-4, 1e-5 + 9.9e-4 * 0.1464466, 1e-5]
+    got = [vldac.cosine_learning_rate(k, args) for k in range(1, 6)]
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    args.num_iterations = 1
+    assert vldac.cosine_learning_rate(1, args) == 1e-3  # a single iteration runs at the start value
 
 
 def test_lora_update_save_and_reload(tiny_dir, tmp_path):
@@ -983,6 +1147,12 @@ def test_smoke_run_twice_same_seed(tiny_dir, tmp_path):
         runs.append(run_dir)
     first, second = scalars(runs[0]), scalars(runs[1])
     assert set(TAGS) <= set(first), sorted(set(TAGS) - set(first))
+    # --value-warmup-iters 1: iteration 1 is the warm-up (policy frozen over both epochs: approx_kl 0), 2 is not
+    assert "iter 1/2" in result.stdout.split("(value warm-up)")[0] and result.stdout.count("(value warm-up)") == 1
+    approx_kl = [v for _, v in first["losses/approx_kl"]]
+    assert approx_kl[0] < 1e-9 and approx_kl[1] > 1e-7, approx_kl
+    lr = [v for _, v in first["charts/learning_rate"]]
+    np.testing.assert_allclose(lr, [3e-4, 3e-5], rtol=1e-6)  # TINY_DEFAULTS, the cosine's two ends
     assert [s for s, _ in first["losses/value_loss"]] == [10, 20], first["losses/value_loss"]  # x-axis: env steps
     for tag in set(first) - {"charts/SPS"}:
         assert first[tag] == second[tag], tag  # same seed -> identical logged metrics
@@ -1000,7 +1170,9 @@ def test_baseline_and_ablation_switches_smoke_run(tiny_dir, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("iter ") == 2 and "warm-up" not in result.stdout, result.stdout
     (run_dir,) = (tmp_path / "runs").iterdir()
-    assert all(math.isfinite(v) for _, v in scalars(run_dir)["losses/policy_loss"])
+    logged = scalars(run_dir)
+    assert all(math.isfinite(v) for _, v in logged["losses/policy_loss"])
+    assert logged["losses/approx_kl"][0][1] > 1e-7  # --value-warmup-iters 0: the policy moves from iteration 1
 
 
 # 2 envs x 5 steps x 6 iterations, a checkpoint after every update
@@ -1090,11 +1262,10 @@ def test_resume_errors_exit_2(tmp_path, tiny_dir, capsys):
 def test_cli_errors_exit_2(tmp_path):
     result = run_script(tmp_path, "--env-id", "gym_cards/Nope-v0")
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
-    # a hub id that cannot be loaded: offline (no network here) or not on the hub; fails fast either way
-    start = time.time()
+    # a hub id that cannot be loaded: offline (no network here) or not on the hub; one line either way
     result = run_script(tmp_path, "--model-id", "nobody/no-such-vlm", "--total-timesteps", "512", offline=False)
     assert result.returncode == 2 and result.stderr.strip().count("\n") == 0, result.stderr
-    assert "--model-id tiny" in result.stderr and time.time() - start < 60
+    assert "--model-id tiny" in result.stderr
 
 
 # ---- torchrun: data parallel over 2 gloo processes on the CPU
@@ -1334,7 +1505,7 @@ def test_trained_checkpoint_loads_and_evaluates(tmp_path, tiny_pretrained):
 @pytest.mark.parametrize("flags", [["--env-ids", "gym_cards/NoSuchGame-v0"],
                                    ["--model-ids", "/no/such/model", "--env-ids", ENV_ID],
                                    ["--num-episodes", "0"]])
-def test_bad_inputs_one_line_exit_2(tmp_path, flags):
+def test_evaluate_bad_inputs_one_line_exit_2(tmp_path, flags):
     result = run_eval(tmp_path, *flags, "--output", "x.json")
     assert result.returncode == 2, result.stderr[-2000:]
     assert len(result.stderr.strip().splitlines()) == 1 and "error" in result.stderr

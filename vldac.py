@@ -434,6 +434,23 @@ def update(agent, optimizer, batch, advantages, returns, args, tokenizer, value_
     return {**stats, "skipped_updates": skipped_updates}
 
 
+def make_agent(args, device):
+    """The policy named by --model-id (LoRA or full, vision tower frozen) as an Agent, and its processor.
+    A vldac checkpoint brings its value head along."""
+    policy, processor = load_policy(args.model_id, device, args.lora_r, args.lora_alpha, args.lora_dropout)
+    agent = Agent(policy, args.temperature, args.value_stop_grad)
+    if (Path(args.model_id) / "value_head.pt").exists():  # starting from a vldac checkpoint
+        agent.value_head.load_state_dict(torch.load(Path(args.model_id) / "value_head.pt", map_location=device))
+    return agent, processor
+
+
+def cosine_learning_rate(iteration, args):
+    """Table 6: cosine decay from learning_rate (iteration 1) to end_learning_rate (the last iteration)."""
+    progress = (iteration - 1) / max(1, args.num_iterations - 1)  # 0 -> 1
+    cosine = 0.5 * (1 + math.cos(math.pi * progress))  # 1 -> 0
+    return args.end_learning_rate + (args.learning_rate - args.end_learning_rate) * cosine
+
+
 def resolve_args(args):
     """Model-dependent defaults, derived sizes and flag checks, in one place (None -> a default)."""
     if args.env_id not in envs.ENV_IDS:
@@ -597,10 +614,7 @@ if __name__ == "__main__":
                     for _ in range(args.num_envs)]
     except RuntimeError as e:  # MiniWorld without a working GL context: the message says what to install
         fail(str(e))
-    policy, processor = load_policy(args.model_id, device, args.lora_r, args.lora_alpha, args.lora_dropout)
-    agent = Agent(policy, args.temperature, args.value_stop_grad)
-    if (Path(args.model_id) / "value_head.pt").exists():  # starting from a vldac checkpoint
-        agent.value_head.load_state_dict(torch.load(Path(args.model_id) / "value_head.pt", map_location=device))
+    agent, processor = make_agent(args, device)
     # one Adam group for the policy (LoRA or full) and the value head, as the paper
     optimizer = torch.optim.Adam([p for p in agent.parameters() if p.requires_grad], lr=args.learning_rate, eps=1e-5)
     # env i of rank r starts from seed + r * 10^6 + i: ranks far apart, so no episode seed repeats across ranks
@@ -626,10 +640,7 @@ if __name__ == "__main__":
 
     start_step, start_time = global_step, time.time()
     for iteration in range(start_iteration, args.num_iterations + 1):
-        # cosine learning rate from learning_rate to end_learning_rate over the iterations (Table 6)
-        progress = (iteration - 1) / max(1, args.num_iterations - 1)
-        cosine = 0.5 * (1 + math.cos(math.pi * progress))  # 1 -> 0
-        lr = args.end_learning_rate + (args.learning_rate - args.end_learning_rate) * cosine
+        lr = cosine_learning_rate(iteration, args)
         optimizer.param_groups[0]["lr"] = lr
 
         # 1. Rollout: num_envs envs x num_steps env steps; per step one batched generate and one scoring
