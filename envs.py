@@ -1,6 +1,6 @@
 # Environments for VL-DAC (arXiv 2508.04280): the gym-cards suite (RL4VLM, Zhai et al. 2024)
 # re-implemented, and MiniWorld, both behind a text interface: last K frames + prompt in, free text out.
-# Spec: ../shared/ENVS.md (rules, rewards, layouts, prompts), ../shared/ALGORITHM.md (parsing).
+# docs/environments.md states the rules, rewards, prompts and the answer parser in full.
 """Usage:
     import envs                                   # registers gym_cards/* with gymnasium
     env = envs.make_env("gym_cards/EZPoints-v0")  # a TextEnv

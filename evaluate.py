@@ -25,7 +25,10 @@ from PIL import Image, ImageDraw, ImageFont
 import envs
 import rollout
 import tiny_vlm
-import vldac
+from vlm import fail, is_tiny, load_policy
+
+# --max-new-tokens when not given: vldac.py's defaults tables (TINY_DEFAULTS / PAPER_DEFAULTS; a test pins them)
+DEFAULT_MAX_NEW_TOKENS = dict(tiny=48, paper=256)
 
 
 @dataclass
@@ -91,17 +94,15 @@ def save_gif(path, images):
 
 @torch.no_grad()
 def evaluate(model, processor, env_id, num_episodes=50, num_envs=10, temperature=0.0, max_new_tokens=256, seed=1,
-             video_dir=None, video_episodes=0, env_kwargs=None):
+             video_dir=None, video_episodes=0, env_kwargs=None, writer=None):
     """Play exactly num_episodes episodes of env_id (episode k reset with seed + k), num_envs at a time.
-    Returns the metrics (see the module docstring); the model is left in eval mode."""
+    Returns the metrics (see the module docstring); the model is left in eval mode. With a TensorBoard
+    writer, each episode's return is logged as eval/episodic_return at step k (CleanRL's pattern)."""
     model.eval()
     num_envs = min(num_envs, num_episodes)
     env_list = [envs.make_env(env_id, **(env_kwargs or {})) for _ in range(num_envs)]
     device, pad_token_id = model.device, processor.tokenizer.pad_token_id
-    eos_ids = vldac.eos_token_ids(model)
-    suppress_ids = tiny_vlm.vision_token_ids(vldac.base_model(model).config)
-    decoding = dict(do_sample=False) if temperature == 0 else dict(do_sample=True, temperature=temperature,
-                                                                   top_k=0, top_p=1.0)
+    eos_ids = torch.tensor(rollout.eos_token_ids(model), device=device)
     episodes, videos = [], []
     steps = parse_failures = response_tokens = 0
     slots = [None] * num_envs  # per env: dict(index, frames, return, length, video) of its current episode
@@ -123,10 +124,8 @@ def evaluate(model, processor, env_id, num_episodes=50, num_envs=10, temperature
         active = [i for i in range(num_envs) if slots[i] is not None]
         inputs = rollout.prompt_inputs(processor, [slots[i]["frames"] for i in active],
                                        [env_list[i].prompt() for i in active], device)
-        sequences = model.generate(**inputs, **decoding, max_new_tokens=max_new_tokens, suppress_tokens=suppress_ids,
-                                   eos_token_id=eos_ids, pad_token_id=pad_token_id)  # (B, P + R)
-        response_ids = sequences[:, inputs["input_ids"].shape[1]:]  # (B, R)
-        token_mask = rollout.response_mask(response_ids, torch.tensor(eos_ids, device=device))  # (B, R)
+        response_ids = rollout.generate(model, inputs, pad_token_id, max_new_tokens, temperature)  # (B, R)
+        token_mask = rollout.response_mask(response_ids, eos_ids)  # (B, R)
         answers = processor.batch_decode(response_ids.masked_fill(~token_mask, pad_token_id), skip_special_tokens=True)
         response_tokens += int(token_mask.sum())
         for i, answer in zip(active, answers):
@@ -153,6 +152,8 @@ def evaluate(model, processor, env_id, num_episodes=50, num_envs=10, temperature
         env.close()
 
     episodes.sort(key=lambda e: e["episode"])
+    for episode in episodes if writer is not None else []:
+        writer.add_scalar("eval/episodic_return", episode["episodic_return"], episode["episode"])
     returns = np.array([e["episodic_return"] for e in episodes])
     successes = sum(e["success"] for e in episodes)
     low, high = wilson_interval(successes, num_episodes)
@@ -188,28 +189,28 @@ if __name__ == "__main__":
     args = tyro.cli(Args)
     for env_id in args.env_ids:
         if env_id not in envs.ENV_IDS:
-            vldac.fail(f"unknown --env-ids {env_id!r}; valid ids: {', '.join(envs.ENV_IDS)}")
+            fail(f"unknown --env-ids {env_id!r}; valid ids: {', '.join(envs.ENV_IDS)}")
         if env_id in envs.MINIWORLD_IDS:  # fail before loading any model if there is no GL context
             try:
                 envs.make_env(env_id).close()
             except RuntimeError as e:
-                vldac.fail(str(e))
+                fail(str(e))
     for name in ("num_episodes", "num_envs", "caption_frames"):
         if getattr(args, name) < 1:
-            vldac.fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+            fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.temperature < 0:
-        vldac.fail(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
+        fail(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
-        vldac.fail(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+        fail(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     output = Path(args.output or f"runs/eval_{int(time.time())}.json")
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     torch.manual_seed(args.seed)  # sampled decoding: the same seed, the same samples
 
     records, settings = [], {}
     for model_id in args.model_ids:
-        model, processor = vldac.load_policy(model_id, device)
-        tiny = vldac.is_tiny(model_id)
-        max_new_tokens = args.max_new_tokens or (vldac.TINY_DEFAULTS if tiny else vldac.PAPER_DEFAULTS)["max_new_tokens"]
+        model, processor = load_policy(model_id, device)
+        tiny = is_tiny(model_id)
+        max_new_tokens = args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS["tiny" if tiny else "paper"]
         settings[model_id] = dict(max_new_tokens=max_new_tokens)
         probe = tiny if args.caption_probe is None else args.caption_probe
         for env_id in args.env_ids:
@@ -220,7 +221,7 @@ if __name__ == "__main__":
                               video_episodes=args.video_episodes)
             caption = None
             if probe and env_id in envs.CARD_IDS:
-                caption = tiny_vlm.caption_accuracy(vldac.base_model(model), processor, env_id, args.caption_frames)
+                caption = tiny_vlm.caption_accuracy(rollout.base_model(model), processor, env_id, args.caption_frames)
             records.append(dict(model_id=model_id, **record, caption_accuracy=caption))
             print(f"{model_id} {env_id}: success {record['success_rate']:.2f}", flush=True)
         del model

@@ -14,6 +14,7 @@ import dataclasses
 
 import numpy as np
 import torch
+from peft import PeftModel
 
 SEQUENCE_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids")  # (B, P) processor outputs
 
@@ -30,6 +31,36 @@ def prompt_inputs(processor, frames, prompts, device):
     processor.tokenizer.padding_side = "left"  # the last prompt token is column P - 1 in every row
     inputs = processor(text=texts, images=[list(f) for f in frames], padding=True, return_tensors="pt")
     return inputs.to(device)
+
+
+def base_model(model):
+    """The transformers model inside a peft wrapper (its LoRA layers stay active), or the model itself."""
+    return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
+def eos_token_ids(model):
+    """End-of-turn ids: the generation config's eos (a real checkpoint may list several) and the text config's."""
+    eos = base_model(model).generation_config.eos_token_id
+    return sorted({*(eos if isinstance(eos, list) else [eos]), model.config.get_text_config().eos_token_id} - {None})
+
+
+def vision_token_ids(model):
+    """Vision special tokens: never sampled (generated, one would break the next forward pass)."""
+    config = base_model(model).config
+    return [config.image_token_id, config.video_token_id, config.vision_start_token_id, config.vision_end_token_id]
+
+
+def generate(model, inputs, pad_token_id, max_new_tokens, temperature=1.0):
+    """The one call to model.generate() (rollouts, evaluation, the tiny model's probe) -> response ids (B, R).
+    temperature 0: greedy; T > 0: the full distribution at T, with top_k=0, top_p=1 and no repetition penalty
+    given explicitly, since a checkpoint's generation_config (Qwen2-VL: top_k=1) would otherwise fill them in.
+    Vision tokens are suppressed and any end-of-turn id stops a row."""
+    decoding = dict(do_sample=False) if temperature == 0 else dict(do_sample=True, temperature=temperature, top_k=0,
+                                                                   top_p=1.0)
+    sequences = model.generate(**inputs, **decoding, repetition_penalty=1.0, max_new_tokens=max_new_tokens,
+                               suppress_tokens=vision_token_ids(model), eos_token_id=eos_token_ids(model),
+                               pad_token_id=pad_token_id)  # (B, P + R)
+    return sequences[:, inputs["input_ids"].shape[1]:]
 
 
 def response_mask(response_ids, eos_ids):
@@ -127,14 +158,8 @@ class EnvRunner:
                           last_values=None, episodes=[], parse_failures=0, response_tokens=0.0)
         for t in range(num_steps):
             inputs = prompt_inputs(processor, self.frames, [env.prompt() for env in self.envs], device)
-            prompt_len = inputs["input_ids"].shape[1]
-            # full distribution at temperature T: explicit top_k=0 / top_p=1 / no repetition penalty,
-            # since a checkpoint's generation_config (Qwen2-VL: top_k=1) would otherwise fill them in
-            sequences = agent.policy.generate(
-                **inputs, do_sample=True, temperature=temperature, top_k=0, top_p=1.0, repetition_penalty=1.0,
-                max_new_tokens=max_new_tokens, suppress_tokens=agent.suppress_token_ids,
-                eos_token_id=agent.eos_token_ids, pad_token_id=processor.tokenizer.pad_token_id)  # (N, P + R)
-            response_ids = sequences[:, prompt_len:]  # (N, R)
+            response_ids = generate(agent.policy, inputs, processor.tokenizer.pad_token_id, max_new_tokens,
+                                    temperature)  # (N, R)
             token_mask = response_mask(response_ids, eos_ids)  # (N, R)
             # the scoring forward gets exactly what generate got, response appended
             logprobs, values = agent.get_logprobs_and_value(inputs, response_ids, token_mask)  # (N, R), (N,)

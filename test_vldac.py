@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+import types
 import warnings
 from functools import lru_cache
 from pathlib import Path
@@ -17,13 +18,17 @@ from gymnasium.utils.env_checker import check_env
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
-from transformers import AutoModelForImageTextToText
+from peft import PeftModel
+from transformers import AutoModelForImageTextToText, AutoProcessor
 
+import checkpoint
+import distributed
 import envs
 import evaluate
 import rollout
 import tiny_vlm
 import vldac
+import vlm
 
 # ---- envs.py ----
 
@@ -635,7 +640,7 @@ def tiny_pretrained():
     process, before any subprocess asks for it), then cached."""
     torch.set_num_threads(os.cpu_count() or 1)
     try:
-        return vldac.load_policy("tiny", "cpu")
+        return vlm.load_policy("tiny", "cpu")
     finally:
         torch.set_num_threads(1)
 
@@ -648,7 +653,7 @@ def make_args(model_dir, **overrides):
 
 def make_agent(args, seed=0):
     torch.manual_seed(seed)
-    policy, processor = vldac.load_policy(args.model_id, "cpu", args.lora_r, args.lora_alpha, args.lora_dropout)
+    policy, processor = vlm.load_policy(args.model_id, "cpu", args.lora_r, args.lora_alpha, args.lora_dropout)
     return vldac.Agent(policy, args.temperature, args.value_stop_grad), processor
 
 
@@ -726,7 +731,7 @@ def test_policy_loss_hand_computed():
     # step 0 (A = 1):  min(1.5, 1.2) = 1.2, min(0.9, 0.9) = 0.9      -> mean 1.05
     # step 1 (A = -2): min(-1.0, -1.6) = -1.6, -2.2, -2.0             -> mean -5.8 / 3
     expected = -(1.05 + (-5.8 / 3)) / 2
-    assert vldac.policy_loss(new, old, adv, mask, 0.2).item() == pytest.approx(expected, abs=1e-6)
+    assert vldac.token_ppo_loss(new, old, adv, mask, 0.2).item() == pytest.approx(expected, abs=1e-6)
     # k3 KL: zero where equal; per step, then over steps
     ref = new.clone()
     ref[1, 0] += 1.0  # log(ref / pi) = 1 on one of step 1's three tokens
@@ -736,7 +741,7 @@ def test_policy_loss_hand_computed():
 @pytest.mark.parametrize("thought_coef", [0.35, 1.0])
 def test_rl4vlm_logprob_hand_computed(tiny_dir, thought_coef):
     """RL4VLM's step log-prob on a crafted response whose thought/action boundary is known by construction."""
-    tokenizer = vldac.AutoProcessor.from_pretrained(tiny_dir).tokenizer
+    tokenizer = AutoProcessor.from_pretrained(tiny_dir).tokenizer
     thought = tokenizer('{"thoughts": "move right",')["input_ids"]
     action = tokenizer(' "action": "+"}<|im_end|>')["input_ids"]
     response_ids = torch.tensor(thought + action)  # (R,)
@@ -752,13 +757,13 @@ def test_rl4vlm_logprob_hand_computed(tiny_dir, thought_coef):
     if thought_coef == 1.0:
         torch.testing.assert_close(got, (logprobs * token_mask).sum(1))
     # one PPO ratio per step, on that scalar: 0.1 nats up per token over 3 tokens at lambda = 1 -> ratio e^0.3
-    loss = vldac.rl4vlm_policy_loss(torch.full((1, 3), -1.0), torch.full((1, 3), -1.1), torch.tensor([-1.0]),
+    loss = vldac.rl4vlm_ppo_loss(torch.full((1, 3), -1.0), torch.full((1, 3), -1.1), torch.tensor([-1.0]),
                                     torch.ones(1, 3, dtype=torch.bool), torch.ones(1, 3, dtype=torch.bool), 1.0, 0.1)
     assert abs(loss.item() - math.exp(0.3)) < 1e-5  # A < 0: the unclipped (larger) loss wins
 
 
 def test_action_split_without_field_is_all_thought(tiny_dir):
-    tokenizer = vldac.AutoProcessor.from_pretrained(tiny_dir).tokenizer
+    tokenizer = AutoProcessor.from_pretrained(tiny_dir).tokenizer
     for text, first_action_char in [("I will go +", None), ('{"action" :"-"}', 1), ('xx "action":+', 3)]:
         ids = torch.tensor(tokenizer(text)["input_ids"])
         mask = vldac.action_token_mask(tokenizer, ids)
@@ -768,6 +773,62 @@ def test_action_split_without_field_is_all_thought(tiny_dir):
             k = int(mask.long().argmax())
             assert mask[k:].all() and len(tokenizer.decode(ids[:k])) <= first_action_char < len(
                 tokenizer.decode(ids[: k + 1])), (text, mask)
+
+
+def test_masked_losses_ignore_absurd_values_at_padding():
+    """A padded position holding -100 (a stored 0 against it: exp(100) overflows float32) changes nothing:
+    the same losses and the same gradients as with 0 there, all finite. Masking by multiplication gives NaN."""
+    torch.manual_seed(0)
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    stored = torch.where(mask, -torch.rand(2, 3), torch.zeros(()))  # rollout log-probs, zero-padded by pad_stack
+    adv, action_mask = torch.tensor([1.0, -2.0]), torch.tensor([[False, True, True], [False, False, True]])
+    results = []
+    for pad_value in (0.0, -100.0):
+        logprobs = torch.where(mask, stored + 0.05 * torch.randn(2, 3, generator=torch.Generator().manual_seed(1)),
+                               torch.tensor(pad_value)).requires_grad_()
+        losses = [vldac.token_ppo_loss(logprobs, stored, adv, mask, 0.2), vldac.kl_penalty(logprobs, stored, mask),
+                  vldac.rl4vlm_ppo_loss(logprobs, stored, adv, mask, action_mask, 0.5, 0.2)]
+        grads = torch.autograd.grad(sum(losses), logprobs)[0]
+        assert all(torch.isfinite(x).all() for x in (*losses, grads)), (pad_value, losses, grads)
+        results.append((torch.stack(losses), grads))
+    torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)
+    assert results[0][1][0, 2] == 0  # no gradient reaches the padded position
+    # the step mean itself selects: an inf or NaN at a padded position stays out of it
+    x = torch.tensor([[1.0, 3.0, float("inf")], [2.0, float("nan"), 4.0]])
+    step_mask = torch.tensor([[True, True, False], [True, False, True]])
+    assert vldac.masked_step_mean(x, step_mask).tolist() == [2.0, 3.0]
+
+
+def test_agent_extends_mm_token_type_ids_only_when_given(tiny_dir):
+    """collate() treats mm_token_type_ids as optional (Qwen2-VL's processor returns it, other families do not);
+    the Agent agrees: it appends text marks (0) for the response when the prompt has them, else passes none."""
+    agent, _ = make_agent(make_args(tiny_dir))
+
+    class Recorder:  # stands in for the VLM: remembers the forward's arguments
+        def model(self, **kwargs):
+            self.kwargs = kwargs
+            return types.SimpleNamespace(last_hidden_state=None)
+
+    inputs = dict(input_ids=torch.tensor([[5, 6, 7]]), attention_mask=torch.ones(1, 3, dtype=torch.long),
+                  mm_token_type_ids=torch.tensor([[0, 1, 0]]))
+    response_ids, token_mask = torch.tensor([[8, 9]]), torch.tensor([[True, False]])
+    recorder = Recorder()
+    agent._hidden(recorder, inputs, response_ids, token_mask)
+    assert recorder.kwargs["mm_token_type_ids"].tolist() == [[0, 1, 0, 0, 0]]
+    assert recorder.kwargs["attention_mask"].tolist() == [[1, 1, 1, 1, 0]]
+    inputs.pop("mm_token_type_ids")
+    agent._hidden(recorder, inputs, response_ids, token_mask)
+    assert "mm_token_type_ids" not in recorder.kwargs and recorder.kwargs["input_ids"].tolist() == [[5, 6, 7, 8, 9]]
+
+
+def test_module_graph_has_no_cycle_and_evaluate_matches_training_defaults():
+    """evaluate.py and tiny_vlm.py load and generate without importing the training loop; evaluate's default
+    answer lengths are the defaults tables' (they cannot import each other, so this pins them together)."""
+    code = "import sys, evaluate, tiny_vlm; assert 'vldac' not in sys.modules, sorted(sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert evaluate.DEFAULT_MAX_NEW_TOKENS == dict(tiny=vldac.TINY_DEFAULTS["max_new_tokens"],
+                                                   paper=vldac.PAPER_DEFAULTS["max_new_tokens"])
 
 
 def test_value_loss_clipped_by_hand():
@@ -785,7 +846,8 @@ def test_response_mask_through_first_eos():
 
 def test_bad_inputs_one_line_exit_2(tiny_dir, capsys):
     bad = [dict(env_id="gym_cards/Nope-v0"), dict(minibatch_size=8), dict(minibatch_size=3),
-           dict(micro_batch_size=3), dict(total_timesteps=2), dict(temperature=0.0)]
+           dict(micro_batch_size=3), dict(total_timesteps=2), dict(temperature=0.0), dict(num_envs=0),
+           dict(num_steps=0), dict(thought_coef=-1.0)]
     for overrides in bad:
         with pytest.raises(SystemExit) as exit_info:
             make_args(tiny_dir, **overrides)
@@ -796,9 +858,9 @@ def test_bad_inputs_one_line_exit_2(tiny_dir, capsys):
     err = capsys.readouterr().err
     assert all(env_id in err for env_id in envs.ENV_IDS), err
     with pytest.raises(SystemExit) as exit_info:
-        vldac.load_policy(str(tiny_dir / "no-such-model"))
+        vlm.load_policy(str(tiny_dir / "no-such-model"))
     err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and err.count("\n") == 1 and "--model-id tiny" in err, err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and "`tiny`" in err, err
 
 
 # ---- the model: scoring, reference, gradients, updates
@@ -831,7 +893,7 @@ def test_first_epoch_ratio_one_and_reference_kl_zero(tiny_dir, lora_r):
     log-probs and values back, and before any update the reference equals the policy (LoRA: B = 0)."""
     args = make_args(tiny_dir, lora_r=lora_r)
     agent, processor = make_agent(args)
-    assert isinstance(agent.policy, vldac.PeftModel) == (lora_r > 0)
+    assert isinstance(agent.policy, PeftModel) == (lora_r > 0)
     _, batch = collect(agent, processor, args)
     for index in ([0, 1, 2, 3], [3, 0], [2]):
         steps = [batch.steps[i] for i in index]
@@ -897,7 +959,7 @@ def test_warmup_freezes_policy_then_update_changes_it(tiny_dir, value_stop_grad)
     before, head_before = policy_params(agent), [p.detach().clone() for p in agent.value_head.parameters()]
     for _ in range(2):  # two warm-up iterations, each 2 epochs x 2 minibatches
         adv, ret = gae_of(batch, args)
-        vldac.update(agent, optimizer, batch, adv, ret, args, processor.tokenizer, value_only=True)
+        vldac.update(agent, optimizer, batch, adv, ret, args, processor.tokenizer, value_warmup=True)
         batch = runner.collect(agent, processor, args.num_steps, args.temperature, args.max_new_tokens)
     after = policy_params(agent)
     assert all(torch.equal(before[n], after[n]) for n in before), "warm-up moved policy parameters"
@@ -1003,8 +1065,8 @@ def test_policy_loss_flag_picks_the_loss(tiny_dir, policy_loss):
     flat = advantages.flatten()
     action_mask = rollout.pad_stack([vldac.action_token_mask(processor.tokenizer, s["response_ids"])
                                      for s in batch.steps], mask.shape[1])
-    expected = dict(token=vldac.policy_loss(logprobs, old, flat, mask, args.clip_coef).item(),
-                    rl4vlm=vldac.rl4vlm_policy_loss(logprobs, old, flat, mask, action_mask, 0.35, args.clip_coef).item())
+    expected = dict(token=vldac.token_ppo_loss(logprobs, old, flat, mask, args.clip_coef).item(),
+                    rl4vlm=vldac.rl4vlm_ppo_loss(logprobs, old, flat, mask, action_mask, 0.35, args.clip_coef).item())
     assert abs(expected["token"] - expected["rl4vlm"]) > 1e-4, expected
     optimizer = torch.optim.SGD([p for p in agent.parameters() if p.requires_grad], lr=0.0)
     stats = vldac.update(agent, optimizer, batch, advantages, advantages + batch.values, args, processor.tokenizer)
@@ -1098,9 +1160,9 @@ def test_lora_update_save_and_reload(tiny_dir, tmp_path):
     after = policy_params(agent)
     changed = {n for n in before if not torch.equal(before[n], after[n])}
     assert changed and all("lora_" in n for n in changed), changed
-    vldac.save(tmp_path / "model", agent, processor, args)
-    policy, _ = vldac.load_policy(str(tmp_path / "model"))
-    assert isinstance(policy, vldac.PeftModel)
+    checkpoint.save_model(tmp_path / "model", agent, processor, args)
+    policy, _ = vlm.load_policy(str(tmp_path / "model"))
+    assert isinstance(policy, PeftModel)
     reloaded = dict(policy.named_parameters())
     assert all(torch.equal(after[n], reloaded[n]) for n in changed)
     head = vldac.Agent(policy, 1.0).value_head
@@ -1158,8 +1220,8 @@ def test_smoke_run_twice_same_seed(tiny_dir, tmp_path):
         assert first[tag] == second[tag], tag  # same seed -> identical logged metrics
     model_dir = runs[0] / "model"
     assert (model_dir / "value_head.pt").exists() and (model_dir / "args.json").exists()
-    policy, _ = vldac.load_policy(str(model_dir))
-    assert not isinstance(policy, vldac.PeftModel)
+    policy, _ = vlm.load_policy(str(model_dir))
+    assert not isinstance(policy, PeftModel)
 
 
 def test_baseline_and_ablation_switches_smoke_run(tiny_dir, tmp_path):
@@ -1221,21 +1283,21 @@ def test_non_finite_loss_skips_the_step_and_is_counted(tiny_dir, monkeypatch):
     _, batch = collect(agent, processor, args)
     adv, ret = gae_of(batch, args)
     before = {n: p.detach().clone() for n, p in agent.named_parameters()}
-    real_policy_loss = vldac.policy_loss
+    real_policy_loss = vldac.token_ppo_loss
     calls = []
 
     def nan_in_first_minibatch(*a, **k):  # a NaN in one micro-batch poisons its whole minibatch
         calls.append(1)
         return real_policy_loss(*a, **k) * (float("nan") if len(calls) == 1 else 1.0)
 
-    monkeypatch.setattr(vldac, "policy_loss", nan_in_first_minibatch)
+    monkeypatch.setattr(vldac, "token_ppo_loss", nan_in_first_minibatch)
     args.update_epochs = 1
     stats = vldac.update(agent, optimizer, batch, adv, ret, args, processor.tokenizer)
     assert stats["skipped_updates"] == 1, stats
     assert all(torch.isfinite(p).all() for p in agent.parameters())
     changed = [n for n, p in agent.named_parameters() if not torch.equal(before[n], p)]
     assert changed, "the second, finite minibatch must still update"
-    monkeypatch.setattr(vldac, "policy_loss", lambda *a, **k: real_policy_loss(*a, **k) * float("inf"))
+    monkeypatch.setattr(vldac, "token_ppo_loss", lambda *a, **k: real_policy_loss(*a, **k) * float("inf"))
     after_first = {n: p.detach().clone() for n, p in agent.named_parameters()}
     stats = vldac.update(agent, optimizer, batch, adv, ret, args, processor.tokenizer)
     assert stats["skipped_updates"] == 2 and all(torch.equal(after_first[n], p) for n, p in agent.named_parameters())
@@ -1245,7 +1307,7 @@ def test_resume_errors_exit_2(tmp_path, tiny_dir, capsys):
     (tmp_path / "not_a_run").mkdir()
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "checkpoint.pt").write_bytes(b"half a checkpoint")
-    for bad in (lambda: vldac.load_checkpoint(tmp_path / "not_a_run"), lambda: vldac.load_checkpoint(tmp_path / "broken"),
+    for bad in (lambda: checkpoint.load_checkpoint(tmp_path / "not_a_run"), lambda: checkpoint.load_checkpoint(tmp_path / "broken"),
                 lambda: make_args(tiny_dir, checkpoint_every=-1)):
         with pytest.raises(SystemExit) as exit_info:
             bad()
@@ -1265,7 +1327,8 @@ def test_cli_errors_exit_2(tmp_path):
     # a hub id that cannot be loaded: offline (no network here) or not on the hub; one line either way
     result = run_script(tmp_path, "--model-id", "nobody/no-such-vlm", "--total-timesteps", "512", offline=False)
     assert result.returncode == 2 and result.stderr.strip().count("\n") == 0, result.stderr
-    assert "--model-id tiny" in result.stderr
+    assert not (tmp_path / "runs").exists(), "a run that failed to start left a run directory behind"
+    assert "`tiny`" in result.stderr and result.stderr.startswith("vldac.py: error:")
 
 
 # ---- torchrun: data parallel over 2 gloo processes on the CPU
@@ -1273,7 +1336,7 @@ def test_cli_errors_exit_2(tmp_path):
 DDP_WORKER = """
 import sys
 import torch, torch.distributed as dist
-import envs, rollout, vldac
+import distributed, envs, rollout, vldac, vlm
 
 tiny_dir, out = sys.argv[1], sys.argv[2]
 torch.set_num_threads(1)
@@ -1282,11 +1345,11 @@ args = vldac.resolve_args(vldac.Args(env_id="gym_cards/NumberLine-v0", model_id=
                                      total_timesteps=8, minibatch_size=4, micro_batch_size=2, max_new_tokens=6,
                                      update_epochs=1, lora_r=0))
 torch.manual_seed(0)  # as vldac.py: the same seed on every rank for the initial weights
-policy, processor = vldac.load_policy(tiny_dir, "cpu")
+policy, processor = vlm.load_policy(tiny_dir, "cpu")
 agent = vldac.Agent(policy, args.temperature)
 optimizer = torch.optim.Adam([p for p in agent.parameters() if p.requires_grad], lr=1e-3, eps=1e-5)
-torch.manual_seed(1 + vldac.RANK)
-runner = rollout.EnvRunner([envs.make_env(args.env_id) for _ in range(2)], 1 + vldac.RANK * 10**6)
+torch.manual_seed(1 + distributed.RANK)
+runner = rollout.EnvRunner([envs.make_env(args.env_id) for _ in range(2)], 1 + distributed.RANK * 10**6)
 batch = runner.collect(agent, processor, args.num_steps, args.temperature, args.max_new_tokens)
 adv, ret = vldac.compute_gae(batch.rewards, batch.values, batch.terminated, batch.truncated, batch.bootstrap_values,
                              batch.last_values, args.gamma, args.gae_lambda)
@@ -1294,7 +1357,7 @@ stats = vldac.update(agent, optimizer, batch, vldac.normalize_advantages(adv), r
 params = {n: p.detach().clone() for n, p in agent.named_parameters() if p.requires_grad}
 gathered = [None, None]
 dist.all_gather_object(gathered, dict(params=params, batch=batch, adv=adv, ret=ret, stats=stats))
-if vldac.RANK == 0:
+if distributed.RANK == 0:
     torch.save(gathered, out)
 dist.destroy_process_group()
 """
@@ -1365,7 +1428,7 @@ def test_tiny_build_save_reload_generate(tmp_path):
                           progress=False)
     card = json.loads((path / "tiny_vlm.json").read_text())
     assert card["parameters"] > 100_000 and card["config"]["pretrain_steps"] == 3, card
-    model, processor = vldac.load_policy(str(path), "cpu")
+    model, processor = vlm.load_policy(str(path), "cpu")
     assert type(model).__name__ == "Qwen2VLForConditionalGeneration", type(model)
     env = envs.make_env("gym_cards/NumberLine-v0")
     frames, _ = env.reset(seed=0)
@@ -1375,7 +1438,7 @@ def test_tiny_build_save_reload_generate(tmp_path):
 
 def test_processor_expands_image_tokens_for_the_model(tiny_dir):
     """One <|image_pad|> per merged 28x28 patch: what the model's vision tower will produce."""
-    model, processor = vldac.load_policy(str(tiny_dir), "cpu")
+    model, processor = vlm.load_policy(str(tiny_dir), "cpu")
     for env_id, frames_per_prompt in [("gym_cards/NumberLine-v0", 1), ("MiniWorld-OneRoom-v0", 4)]:
         env = envs.make_env(env_id)
         frames, _ = env.reset(seed=0)

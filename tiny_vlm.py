@@ -12,7 +12,7 @@
                learns to see and to speak the format, never which action is good (that is RL's job).
 
 Two choices make a 1.5M-parameter model learn to read digits in a minute instead of never
-(see shared/TINY_VLM_MEASUREMENTS.md for what failed):
+(docs/tiny_model.md has the measurements, and what failed):
 * "ink" normalisation: pixels are normalised so that white is 0 (image_mean 1, image_std 0.5). With
   CLIP's constants a white background is a large constant input and the few pixels of a glyph are a
   7% perturbation of every patch feature; with white = 0 a blank patch is silent and a glyph is all
@@ -247,15 +247,8 @@ def pretrain(model, processor, sampler, cfg: TinyConfig, steps=None, progress=Tr
 def generate_answers(model, processor, image_lists, prompts, max_new_tokens=32):
     """Greedy answers, batched (left padding for generation)."""
     batch = rollout.prompt_inputs(processor, image_lists, prompts, model.device)
-    out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                         suppress_tokens=vision_token_ids(model.config),
-                         pad_token_id=processor.tokenizer.pad_token_id)
-    return processor.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-
-
-def vision_token_ids(config):
-    """Vision special tokens: a generated one would break the next forward pass."""
-    return [config.image_token_id, config.video_token_id, config.vision_start_token_id, config.vision_end_token_id]
+    response_ids = rollout.generate(model, batch, processor.tokenizer.pad_token_id, max_new_tokens, temperature=0)
+    return processor.batch_decode(response_ids, skip_special_tokens=True)
 
 
 def caption_accuracy(model, processor, env_id, num_frames=200, seed=12345, batch_size=50):

@@ -1,4 +1,4 @@
-"""Ablations (issue 6) on the tiny model: VL-DAC against RL4VLM's policy loss, and VL-DAC without each of its
+"""Ablations on the tiny model: VL-DAC against RL4VLM's policy loss, and VL-DAC without each of its
 stabilisers. Runs variants x envs x seeds of `python vldac.py`, --jobs at a time with one thread each, then
 writes a markdown table to OUT/results.md and prints it. Run:
     python benchmarks/ablations.py                                          # the full benchmark
@@ -48,10 +48,10 @@ def probe(model_id):
     """Caption accuracy of one model on NumberLine frames (runs in a child process: see run_one)."""
     sys.path.insert(0, str(ROOT))
     import tiny_vlm
-    import vldac
+    import vlm
 
-    model, processor = vldac.load_policy(model_id)
-    return tiny_vlm.caption_accuracy(vldac.base_model(model), processor, CAPTION_ENV)
+    model, processor = vlm.load_policy(model_id)
+    return tiny_vlm.caption_accuracy(model, processor, CAPTION_ENV)
 
 
 def child_env():

@@ -1,4 +1,4 @@
-"""The same code on a larger, config-built Qwen2-VL: the Qwen2-VL-2B-Instruct layout (shared/ALGORITHM.md:
+"""The same code on a larger, config-built Qwen2-VL: the Qwen2-VL-2B-Instruct layout (its published config:
 hidden 1536, intermediate 8960, 12 heads / 2 KV heads, vocab 151936, vision 1280 wide with 16 heads, patch 14,
 merge 2) at reduced depth, random weights, LoRA r16, a few updates of vldac.py on CPU.
 Usage: python benchmarks/larger_model.py [--text-layers 2] [--vision-depth 2] [--full-depth]

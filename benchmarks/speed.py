@@ -1,4 +1,4 @@
-"""Issue 7: env steps per second of the authors' batch shape against ours, same code, same machine.
+"""Env steps per second of the authors' batch shape against ours, same code, same machine.
 
 Both configurations run the project's own code (rollout.EnvRunner.collect, vldac.compute_gae, vldac.update)
 for the same env steps (one rollout of --env-steps, then --update-epochs PPO epochs); only the batch shape
@@ -83,8 +83,7 @@ def run_worker(a):
     torch.manual_seed(args.seed)
     device = torch.device("cuda" if a.cuda and torch.cuda.is_available() else "cpu")
     env_list = [envs.make_env(args.env_id) for _ in range(args.num_envs)]
-    policy, processor = vldac.load_policy(args.model_id, device, args.lora_r, args.lora_alpha, args.lora_dropout)
-    agent = vldac.Agent(policy, args.temperature)
+    agent, processor = vldac.make_agent(args, device)
     optimizer = torch.optim.Adam([p for p in agent.parameters() if p.requires_grad], lr=args.learning_rate, eps=1e-5)
     runner = rollout.EnvRunner(env_list, args.seed)
     runner.collect(agent, processor, 1, args.temperature, args.max_new_tokens)  # warm-up, not timed
@@ -131,7 +130,7 @@ def run_worker(a):
     advantages, returns = vldac.compute_gae(batch.rewards, batch.values, batch.terminated, batch.truncated,
                                             batch.bootstrap_values, batch.last_values, args.gamma, args.gae_lambda)
     advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
-    vldac.update(agent, optimizer, batch, advantages, returns, args, processor.tokenizer, value_only=False)
+    vldac.update(agent, optimizer, batch, advantages, returns, args, processor.tokenizer)
     sync()
     seconds = time.perf_counter() - start
     totals["everything else"] += seconds - sum(totals.values())  # the untimed rest of the iteration

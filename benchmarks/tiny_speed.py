@@ -34,7 +34,7 @@ for batch in parser.parse_args().batch_sizes:
     with torch.no_grad():
         forward = timed(lambda: model(**inputs), repeats=max(3, 160 // batch))
         generate = timed(lambda: model.generate(**inputs, max_new_tokens=25, min_new_tokens=25, do_sample=True,
-                                                top_k=0, suppress_tokens=tiny_vlm.vision_token_ids(model.config),
+                                                top_k=0, suppress_tokens=rollout.vision_token_ids(model),
                                                 pad_token_id=processor.tokenizer.pad_token_id),
                          repeats=max(3, 48 // batch))
     print(f"torch threads {torch.get_num_threads()}; batch {batch}, prompt {inputs['input_ids'].shape[1]} tokens "

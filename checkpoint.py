@@ -1,0 +1,103 @@
+# The run directory of VL-DAC (arXiv 2508.04280) training: TensorBoard logs, the --save-model directory that
+# from_pretrained loads, and the --resume checkpoint that continues a run bit for bit on CPU.
+import json
+import os
+import pickle
+import random
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.tensorboard import SummaryWriter
+
+from distributed import RANK, WORLD_SIZE
+from vlm import fail
+
+
+def open_writer(run_dir, run_name, args, resumed_step=None):
+    """Rank 0's TensorBoard writer in the run directory (and W&B with --track); None on other ranks. Resuming,
+    TensorBoard hides what the crashed run logged after its checkpoint (purge_step)."""
+    if RANK != 0:
+        return None
+    if args.track:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                   config=vars(args), name=run_name, save_code=True)
+    writer = SummaryWriter(str(run_dir), purge_step=None if resumed_step is None else resumed_step + 1)
+    if resumed_step is None:
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" +
+                        "\n".join(f"|{key}|{value}|" for key, value in vars(args).items()))
+    return writer
+
+
+def save_model(path, agent, processor, args):
+    """A directory from_pretrained loads (peft adapter or full weights) + value_head.pt + processor + args."""
+    path.mkdir(parents=True, exist_ok=True)
+    agent.policy.save_pretrained(path)
+    processor.save_pretrained(path)
+    torch.save(agent.value_head.state_dict(), path / "value_head.pt")
+    (path / "args.json").write_text(json.dumps(asdict(args), indent=2))
+    print(f"model saved to {path}", flush=True)
+
+
+def save_checkpoint(path, agent, optimizer, runner, args, run_name, iteration, global_step):
+    """Everything a run needs to continue: trainable weights (LoRA or full, value head), Adam, the RNG
+    states, the env runner, the counters. Written to a temp file, then renamed over the last checkpoint, so
+    a kill at any moment leaves the previous complete checkpoint or the new one, never half of one."""
+    try:  # the envs mid-episode; MiniWorld's GL envs do not pickle: a resumed run starts new episodes there
+        runner_state = pickle.dumps(runner)
+    except (TypeError, AttributeError, pickle.PicklingError):
+        runner_state = None
+    rng = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
+               cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+    per_rank = [dict(runner=runner_state, rng=rng)]  # envs and RNGs differ per rank; rank 0 writes them all
+    if WORLD_SIZE > 1:
+        per_rank = [None] * WORLD_SIZE
+        dist.all_gather_object(per_rank, dict(runner=runner_state, rng=rng))
+    if RANK != 0:
+        return
+    state = dict(args=asdict(args), run_name=run_name, iteration=iteration, global_step=global_step,
+                 trainable={n: p.detach().cpu() for n, p in agent.named_parameters() if p.requires_grad},
+                 optimizer=optimizer.state_dict(), per_rank=per_rank)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)  # atomic on POSIX
+
+
+def load_checkpoint(run_dir):
+    """The last checkpoint of a run directory (a pickle: load only checkpoints you wrote)."""
+    path = Path(run_dir) / "checkpoint.pt"
+    if not path.is_file():
+        fail(f"--resume {run_dir!r} is not a vldac run directory: no checkpoint.pt in it (see --checkpoint-every)")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        fail(f"--resume {run_dir!r}: cannot read checkpoint.pt ({type(e).__name__}: {str(e).splitlines()[0]})")
+    if len(checkpoint["per_rank"]) != WORLD_SIZE:
+        fail(f"--resume {run_dir!r}: the run had {len(checkpoint['per_rank'])} rank(s), resume it with as many")
+    return checkpoint
+
+
+def resume(checkpoint, agent, optimizer, runner):
+    """Weights, Adam, RNG and envs as they were after update `iteration`. Returns (runner, global_step, the
+    next iteration). Where the envs could not be pickled (MiniWorld) the fresh runner starts new episodes."""
+    agent.load_state_dict(checkpoint["trainable"], strict=False)
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    state = checkpoint["per_rank"][RANK]
+    random.setstate(state["rng"]["python"])
+    np.random.set_state(state["rng"]["numpy"])
+    torch.set_rng_state(state["rng"]["torch"])
+    if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    if state["runner"] is not None:
+        for env in runner.envs:  # replaced by the checkpoint's envs, mid-episode
+            env.close()
+        runner = pickle.loads(state["runner"])
+    print(f"resumed after iteration {checkpoint['iteration']} ({checkpoint['global_step']} env steps)", flush=True)
+    return runner, checkpoint["global_step"], checkpoint["iteration"] + 1

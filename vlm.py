@@ -1,0 +1,74 @@
+# Loading the vision-language model that VL-DAC (arXiv 2508.04280) trains: the tiny offline Qwen2-VL, a local
+# directory, a hub id, or a directory written by `vldac.py --save-model`; and the one-line errors for bad input.
+import functools
+import json
+import socket
+import sys
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+from huggingface_hub import constants as hub_constants
+from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+import tiny_vlm
+
+LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+VISION_TOWER = ("visual", "vision_tower", "multi_modal_projector")  # parameter-name parts, frozen always
+
+
+def fail(message):
+    """Bad input: one line on stderr naming the script, exit code 2 (as argparse/tyro do)."""
+    print(f"{Path(sys.argv[0]).name}: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def is_tiny(model_id):
+    """`tiny`, a tiny_vlm build directory, or a vldac checkpoint trained from one."""
+    if model_id == "tiny" or (Path(model_id) / "tiny_vlm.json").exists():
+        return True
+    saved_args = Path(model_id) / "args.json"
+    return saved_args.exists() and is_tiny(json.loads(saved_args.read_text())["model_id"])
+
+
+@functools.lru_cache(maxsize=None)
+def hub_offline():
+    """True when the hub cannot be reached: a 3 s check instead of from_pretrained's minutes of retries."""
+    if hub_constants.HF_HUB_OFFLINE:
+        return True
+    try:
+        socket.create_connection((urlparse(hub_constants.ENDPOINT).hostname, 443), timeout=3).close()
+        return False
+    except OSError:
+        return True
+
+
+def load_policy(model_id, device="cpu", lora_r=0, lora_alpha=32, lora_dropout=0.0):
+    """(model, processor) for `tiny`, a local directory, a hub id, or a vldac checkpoint (full weights,
+    or a peft adapter directory whose base is loaded first). The vision tower is frozen; with lora_r > 0
+    a LoRA adapter is put on the language model's projections (a loaded adapter keeps its own)."""
+    path = tiny_vlm.tiny_model_path() if model_id == "tiny" else model_id
+    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+    def local_only(name):  # a local directory, or the hub cache when the hub cannot be reached
+        return Path(name).exists() or hub_offline()
+
+    try:
+        processor = AutoProcessor.from_pretrained(path, local_files_only=local_only(path))
+        if (Path(path) / "adapter_config.json").exists():
+            base = PeftConfig.from_pretrained(path).base_model_name_or_path
+            model = AutoModelForImageTextToText.from_pretrained(base, dtype=dtype, local_files_only=local_only(base))
+            model = PeftModel.from_pretrained(model, path, is_trainable=True)
+        else:
+            model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, local_files_only=local_only(path))
+    except (OSError, ValueError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        fail(f"cannot load model {model_id!r} ({reason}); offline? use `tiny` or a local path")
+    for name, param in model.named_parameters():
+        if any(part in name for part in VISION_TOWER):
+            param.requires_grad_(False)
+    if lora_r > 0 and not isinstance(model, PeftModel):
+        config = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=LORA_TARGETS)
+        model = get_peft_model(model, config)  # only the adapter is trainable
+    return model.to(device), processor
