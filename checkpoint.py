@@ -4,7 +4,8 @@ import json
 import os
 import pickle
 import random
-from dataclasses import asdict
+import sys
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +41,11 @@ def save_model(path, agent, processor, args):
     processor.save_pretrained(path)
     torch.save(agent.value_head.state_dict(), path / "value_head.pt")
     (path / "args.json").write_text(json.dumps(asdict(args), indent=2))
-    print(f"model saved to {path}", flush=True)
+    mode = 0o666 & ~os.umask(os.umask(0))  # what a plain open() gives: safetensors writes its file 0600
+    for file in path.iterdir():
+        if file.is_file():
+            file.chmod(mode)
+    print(f"model saved to {path} (evaluate: python evaluate.py --model-ids {path})", flush=True)
 
 
 def save_checkpoint(path, agent, optimizer, runner, args, run_name, iteration, global_step):
@@ -84,9 +89,27 @@ def load_checkpoint(run_dir):
     return checkpoint
 
 
+def resume_args(args):
+    """(args, checkpoint): without --resume, (args, None). With it, the run's own args and its last checkpoint;
+    any other flag beside --resume is an error (the run continues as it started), and a finished run exits."""
+    if not args.resume:
+        return args, None
+    changed = [key for key, value in asdict(args).items() if value != getattr(type(args)(resume=args.resume), key)]
+    if changed:
+        fail(f"--resume continues a run with its own flags; drop {' '.join('--' + k.replace('_', '-') for k in changed)}")
+    checkpoint = load_checkpoint(args.resume)
+    if checkpoint["iteration"] >= checkpoint["args"]["num_iterations"]:
+        print(f"{args.resume} finished all {checkpoint['iteration']} iterations: nothing left to resume")
+        sys.exit(0)
+    return replace(type(args)(**checkpoint["args"]), resume=args.resume), checkpoint
+
+
 def resume(checkpoint, agent, optimizer, runner):
     """Weights, Adam, RNG and envs as they were after update `iteration`. Returns (runner, global_step, the
-    next iteration). Where the envs could not be pickled (MiniWorld) the fresh runner starts new episodes."""
+    next iteration); without a checkpoint (a new run) (runner, 0, 1). Where the envs could not be pickled
+    (MiniWorld) the fresh runner starts new episodes."""
+    if checkpoint is None:
+        return runner, 0, 1
     agent.load_state_dict(checkpoint["trainable"], strict=False)
     optimizer.load_state_dict(checkpoint["optimizer"])
     state = checkpoint["per_rank"][RANK]

@@ -10,7 +10,9 @@
 Measured step cost (TextEnv.step incl. parsing and resets, 2 CPU cores, MiniWorld at 80x60):
 NumberLine 0.07 ms, EZPoints 0.25 ms, Points24 0.27 ms, Blackjack 0.29 ms, MiniWorld 0.4-0.6 ms.
 """
+import contextlib
 import functools
+import io
 import itertools
 import json
 import math
@@ -274,6 +276,14 @@ class CardGame(gym.Env):
     def __init__(self, render_mode=None):
         self.render_mode = render_mode
         self.action_space = spaces.Discrete(len(self.ACTIONS))
+        self.observation_space = spaces.Box(0, 255, (300, 300, 3), np.uint8)
+
+    # A Box keeps four full-size arrays (1 MB here): a pickled env (a --resume checkpoint) leaves it out.
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k != "observation_space"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
         self.observation_space = spaces.Box(0, 255, (300, 300, 3), np.uint8)
 
     def render(self):
@@ -590,7 +600,7 @@ def _import_miniworld():
 
 
 # ---------------------------------------------------------------------------------------------
-class TextEnv(gym.Wrapper):
+class TextEnv(gym.Wrapper, gym.utils.RecordConstructorArgs):
     """What a VLM agent sees and does: the last K frames and a prompt in, its raw answer out.
 
     step(answer) parses the answer (an int is taken as the action index directly, for scripted
@@ -601,7 +611,9 @@ class TextEnv(gym.Wrapper):
     unsolved_penalty = 0.0  # added when an episode ends unsolved (MiniWorld: -1)
 
     def __init__(self, env, actions, num_frames=1, text_obs=False, invalid_action_penalty=None):
-        super().__init__(env)
+        gym.utils.RecordConstructorArgs.__init__(self, actions=actions, num_frames=num_frames, text_obs=text_obs,
+                                                 invalid_action_penalty=invalid_action_penalty)
+        gym.Wrapper.__init__(self, env)
         if num_frames < 1:
             raise ValueError(f"num_frames must be >= 1, got {num_frames}")
         self.actions = list(actions)
@@ -612,6 +624,13 @@ class TextEnv(gym.Wrapper):
         self.steps_taken = 0
         # Its own generator for random actions, so answers never change what the world deals next.
         self.answer_rng = np.random.default_rng()
+
+    def __getstate__(self):  # as CardGame's: the stacked Box is rebuilt, not pickled
+        return {k: v for k, v in self.__dict__.items() if k != "_observation_space"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._observation_space = spaces.Box(0, 255, (self.num_frames,) + self.env.observation_space.shape, np.uint8)
 
     def reset(self, *, seed=None, options=None):
         frame, info = self.env.reset(seed=seed, options=options)
@@ -666,6 +685,7 @@ class MiniWorldTextEnv(TextEnv):
     unsolved_penalty = -1.0
 
     def __init__(self, env, env_id, **kwargs):
+        gym.utils.RecordConstructorArgs.__init__(self, env_id=env_id, **kwargs)  # first: TextEnv's record is then skipped
         super().__init__(env, MINIWORLD_ACTIONS, **kwargs)
         self.task = MINIWORLD_TASKS[env_id]
         self.max_steps = env.spec.max_episode_steps
@@ -703,9 +723,10 @@ def make_env(env_id, num_frames=None, text_obs=False, invalid_action_penalty=Non
         env = gym.make(env_id)
         return TextEnv(env, env.unwrapped.ACTIONS, num_frames=1 if num_frames is None else num_frames, **kwargs)
     _import_miniworld()
-    try:
-        env = gym.make(env_id, render_mode="rgb_array", max_episode_steps=MINIWORLD_MAX_STEPS,
-                       obs_width=frame_size[0], obs_height=frame_size[1])
+    try:  # quiet: MiniWorld prints "Falling back to num_samples=4" for every window it cannot multisample 16x
+        with contextlib.redirect_stdout(io.StringIO()):
+            env = gym.make(env_id, render_mode="rgb_array", max_episode_steps=MINIWORLD_MAX_STEPS,
+                           obs_width=frame_size[0], obs_height=frame_size[1])
     except Exception as e:  # the framebuffer is created here; a broken GL stack fails here
         raise RuntimeError(_GL_HELP.format(e=f"{type(e).__name__}: {e}".splitlines()[0])) from e
     return MiniWorldTextEnv(env, env_id, num_frames=4 if num_frames is None else num_frames, **kwargs)

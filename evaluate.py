@@ -25,7 +25,7 @@ from PIL import Image, ImageDraw, ImageFont
 import envs
 import rollout
 import tiny_vlm
-from vlm import fail, is_tiny, load_policy
+from vlm import fail, is_tiny, load_policy, model_dir
 
 # --max-new-tokens when not given: vldac.py's defaults tables (TINY_DEFAULTS / PAPER_DEFAULTS; a test pins them)
 DEFAULT_MAX_NEW_TOKENS = dict(tiny=48, paper=256)
@@ -34,13 +34,14 @@ DEFAULT_MAX_NEW_TOKENS = dict(tiny=48, paper=256)
 @dataclass
 class Args:
     model_ids: list[str] = field(default_factory=lambda: ["tiny"])
-    """one or more of: `tiny`, a hub id, a local directory, a vldac checkpoint (one table row per model and env)"""
+    """one or more of: `tiny`, a hub id, a local directory, a vldac.py run directory or the model it saved (one
+    table row per model and env)"""
     env_ids: list[str] = field(default_factory=lambda: ["gym_cards/NumberLine-v0"])
     """one or more env ids (envs.ENV_IDS)"""
     seed: int = 1
     """episode k of every env is reset with seed + k"""
-    cuda: bool = False
-    """if toggled, cuda will be used when available (bf16 weights)"""
+    cuda: bool = True
+    """if toggled, cuda will be used when available (bf16 weights), as vldac.py"""
     num_episodes: int = 50
     """episodes per (model, env) (the paper: 50)"""
     num_envs: int = 10
@@ -164,9 +165,23 @@ def evaluate(model, processor, env_id, num_episodes=50, num_envs=10, temperature
                 episodes=episodes, videos=sorted(videos))
 
 
+def after_training(model, processor, args, run_dir, writer):
+    """vldac.py's last step: args.eval_episodes greedy episodes of the trained policy (episode returns logged to
+    TensorBoard, the first 2 recorded as GIFs in the run directory); prints where everything is."""
+    env_kwargs = dict(num_frames=args.num_frames, text_obs=args.text_obs, frame_size=args.frame_size)
+    result = evaluate(model, processor, args.env_id, num_episodes=args.eval_episodes, max_new_tokens=args.max_new_tokens,
+                      seed=args.seed + 10_000, video_dir=run_dir / "videos", video_episodes=2, env_kwargs=env_kwargs,
+                      writer=writer)
+    low, high = result["success_ci95"]
+    print(f"eval: success {result['success_rate']:.2f} [{low:.2f}, {high:.2f}] over {args.eval_episodes} greedy "
+          f"episodes; GIFs: {' '.join(result['videos'])}\nrun directory: {run_dir}; TensorBoard: tensorboard "
+          f"--logdir {run_dir.parent}", flush=True)
+    return result
+
+
 def checkpoint_env_kwargs(model_id):
     """Observation settings a vldac checkpoint was trained with (frames in the prompt, text obs, frame size)."""
-    saved_args = Path(model_id) / "args.json"
+    saved_args = Path(model_dir(model_id)) / "args.json"
     if not saved_args.exists():
         return {}
     saved = json.loads(saved_args.read_text())
@@ -233,4 +248,5 @@ if __name__ == "__main__":
                                       temperature=args.temperature, decoding="greedy" if args.temperature == 0
                                       else "sampled (top_k=0, top_p=1)", per_model=settings, records=records),
                                  indent=2))
-    print(f"results written to {output}")
+    videos = [video for record in records for video in record["videos"]]
+    print(f"results written to {output}" + (f"; GIFs: {' '.join(videos)}" if videos else ""))

@@ -2,7 +2,9 @@
 import json
 import math
 import os
+import pickle
 import re
+import shutil
 import subprocess
 import sys
 import types
@@ -54,6 +56,39 @@ def test_check_env_passes(env_id):
     if env_id in envs.CARD_IDS:
         assert env.observation_space == gym.spaces.Box(0, 255, (300, 300, 3), np.uint8)
     env.close()
+
+
+@pytest.mark.parametrize("env_id", envs.ENV_IDS)
+def test_check_env_passes_on_the_text_env_and_its_spec_recreates_it(env_id):
+    """What envs.make_env returns passes gymnasium's checker (integer actions from its action space), and
+    gym.make(env.spec) builds the same text env again (the wrappers record their constructor arguments)."""
+    env = envs.make_env(env_id, num_frames=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warnings.filterwarnings("ignore", message=".*wrapper applied to it")  # the checker prefers raw envs
+        check_env(env)
+    again = gym.make(env.spec)
+    assert type(again) is type(env) and again.num_frames == 2 and again.actions == env.actions
+    assert again.reset(seed=3)[0].shape == env.observation_space.shape
+    env.close(), again.close()
+
+
+def test_pickled_text_env_is_small_and_plays_on():
+    """A --resume checkpoint pickles the envs mid-episode: the observation spaces (four full-size arrays each) are
+    rebuilt on load, not stored, and the unpickled env continues the same episode."""
+    env = envs.make_env("gym_cards/NumberLine-v0")
+    env.reset(seed=0)
+    blob = pickle.dumps(env)
+    assert len(blob) < 700_000, len(blob)  # the frame history (270 kB per frame) and the game; 2.4 MB with spaces
+    copy = pickle.loads(blob)
+    assert copy.observation_space == env.observation_space and copy.unwrapped.observation_space.shape == (300, 300, 3)
+    a, b = env.step(answer("+")), copy.step(answer("+"))
+    assert all(np.array_equal(x, y) for x, y in zip(a[:4], b[:4]))
+
+
+def test_miniworld_creation_prints_nothing(capfd):
+    envs.make_env("MiniWorld-OneRoom-v0").close()
+    assert capfd.readouterr().out == ""
 
 
 def test_unknown_env_id_lists_valid_ids():
@@ -847,7 +882,7 @@ def test_response_mask_through_first_eos():
 def test_bad_inputs_one_line_exit_2(tiny_dir, capsys):
     bad = [dict(env_id="gym_cards/Nope-v0"), dict(minibatch_size=8), dict(minibatch_size=3),
            dict(micro_batch_size=3), dict(total_timesteps=2), dict(temperature=0.0), dict(num_envs=0),
-           dict(num_steps=0), dict(thought_coef=-1.0)]
+           dict(num_steps=0), dict(thought_coef=-1.0), dict(threads=-1)]
     for overrides in bad:
         with pytest.raises(SystemExit) as exit_info:
             make_args(tiny_dir, **overrides)
@@ -1172,6 +1207,44 @@ def test_lora_update_save_and_reload(tiny_dir, tmp_path):
     assert json.loads((tmp_path / "model" / "args.json").read_text())["lora_r"] == 4
 
 
+# ---- every script's --help
+
+
+SCRIPTS = ["vldac.py", "evaluate.py", "tiny_vlm.py", *sorted(str(p.relative_to(HERE)) for p in (HERE / "benchmarks").iterdir()
+                                                            if p.suffix in (".py", ".sh"))]
+
+
+def undescribed_flags(help_text):
+    """argparse options whose help line has no description (an option line with nothing after the flag and its
+    metavar, and no indented description line under it)."""
+    lines = help_text.splitlines()
+    missing = []
+    for i, line in enumerate(lines):
+        m = re.match(r"^  (-\w, )?(--[\w-]+)(?: [A-Z_\[\]{},. ]+)?$", line)
+        next_line = lines[i + 1] if i + 1 < len(lines) else ""
+        if m and m[2] != "--help" and not re.match(r"^ {6,}\S", next_line):
+            missing.append(m[2])
+    return missing
+
+
+def test_every_script_answers_help_without_loading_a_model(tmp_path):
+    """--help exits 0 at once (nothing is built: the model cache stays empty) and describes every flag.
+    All scripts at once, as parallel processes (each mostly imports torch)."""
+    env = {**os.environ, "VLDAC_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    procs = {script: subprocess.Popen(["bash" if script.endswith(".sh") else sys.executable, str(HERE / script),
+                                       "--help"], cwd=tmp_path, env=env, text=True, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE) for script in SCRIPTS}
+    problems = {}
+    for script, proc in procs.items():
+        out, err = proc.communicate(timeout=300)
+        if proc.returncode != 0 or "usage" not in out.lower():
+            problems[script] = f"exit {proc.returncode}: {(out + err)[-500:]}"
+        elif undescribed_flags(out):
+            problems[script] = f"flags without a description: {undescribed_flags(out)}"
+    assert not problems, problems
+    assert not (tmp_path / "cache").exists(), "a script's --help built the tiny model"
+
+
 # ---- the script, end to end
 
 
@@ -1226,7 +1299,7 @@ def test_smoke_run_twice_same_seed(tiny_dir, tmp_path):
 
 def test_baseline_and_ablation_switches_smoke_run(tiny_dir, tmp_path):
     """RL4VLM's loss, no warm-up, no stop-gradient and no KL together, through the script."""
-    flags = SMOKE[: SMOKE.index("--value-warmup-iters")]
+    flags = [*SMOKE[: SMOKE.index("--value-warmup-iters")], "--no-save-model"]
     result = run_script(tmp_path, *flags, "--model-id", str(tiny_dir), "--policy-loss", "rl4vlm", "--thought-coef",
                         "0.35", "--value-warmup-iters", "0", "--no-value-stop-grad", "--kl-beta", "0")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -1301,6 +1374,34 @@ def test_non_finite_loss_skips_the_step_and_is_counted(tiny_dir, monkeypatch):
     after_first = {n: p.detach().clone() for n, p in agent.named_parameters()}
     stats = vldac.update(agent, optimizer, batch, adv, ret, args, processor.tokenizer)
     assert stats["skipped_updates"] == 2 and all(torch.equal(after_first[n], p) for n, p in agent.named_parameters())
+
+
+def test_resume_takes_no_other_flags_and_says_when_the_run_is_finished(tmp_path, capsys):
+    """Flags beside --resume would be silently ignored (the run continues with its own): refuse them. A run
+    that finished has nothing left: say so and exit 0, before any model loads."""
+    with pytest.raises(SystemExit) as exit_info:
+        checkpoint.resume_args(vldac.Args(resume="runs/x", seed=7, total_timesteps=99))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and "--seed --total-timesteps" in err, err
+    run = tmp_path / "run"
+    run.mkdir()
+    for iteration, finished in ((2, False), (3, True)):
+        torch.save(dict(args=dict(num_iterations=3, seed=5), iteration=iteration, per_rank=[{}]), run / "checkpoint.pt")
+        if finished:
+            with pytest.raises(SystemExit) as exit_info:
+                checkpoint.resume_args(vldac.Args(resume=str(run)))
+            assert exit_info.value.code == 0 and "finished all 3 iterations" in capsys.readouterr().out
+        else:
+            args, saved = checkpoint.resume_args(vldac.Args(resume=str(run)))
+            assert args.seed == 5 and args.resume == str(run) and saved["iteration"] == 2
+
+
+def test_track_without_wandb_is_one_line(tiny_dir, capsys, monkeypatch):
+    monkeypatch.setattr(vldac.importlib.util, "find_spec", lambda name: None if name == "wandb" else object())
+    with pytest.raises(SystemExit) as exit_info:
+        make_args(tiny_dir, track=True)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and "pip install wandb" in err, err
 
 
 def test_resume_errors_exit_2(tmp_path, tiny_dir, capsys):
@@ -1552,17 +1653,26 @@ def test_greedy_is_reproducible_and_two_models_two_rows(smoke, tmp_path):
 
 
 def test_trained_checkpoint_loads_and_evaluates(tmp_path, tiny_pretrained):
+    """Train, then evaluate the run directory itself (the model it saved is found in it); a run that saved no
+    model is a one-line error of evaluate.py's own."""
     train = run_eval(tmp_path, "--env-id", ENV_ID, "--num-envs", "2", "--num-steps", "5", "--total-timesteps", "10",
                      "--minibatch-size", "5", "--micro-batch-size", "5", "--max-new-tokens", "6",
-                     "--value-warmup-iters", "1", "--save-model", "--save-dir", "ckpt", "--eval-episodes", "2", script="vldac.py")
+                     "--value-warmup-iters", "1", "--eval-episodes", "2", script="vldac.py")
     assert train.returncode == 0, train.stderr[-2000:]
-    result = run_eval(tmp_path, "--model-ids", "ckpt", *EVAL, "--output", "ckpt.json")
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    run = str(run_dir.relative_to(tmp_path))
+    result = run_eval(tmp_path, "--model-ids", run, *EVAL, "--output", "ckpt.json")
     assert result.returncode == 0, result.stderr[-2000:]
     data = json.loads((tmp_path / "ckpt.json").read_text())
-    assert data["per_model"]["ckpt"]["max_new_tokens"] == 48  # recognised as tiny-based through its args.json
+    assert data["per_model"][run]["max_new_tokens"] == 48  # recognised as tiny-based through its args.json
     (record,) = data["records"]
-    assert record["model_id"] == "ckpt" and len(record["episodes"]) == 4
+    assert record["model_id"] == run and len(record["episodes"]) == 4
     assert record["caption_accuracy"] is not None
+    shutil.rmtree(run_dir / "model")
+    (run_dir / "checkpoint.pt").touch()
+    result = run_eval(tmp_path, "--model-ids", run, *EVAL, "--output", "none.json")
+    assert result.returncode == 2 and result.stderr.startswith("evaluate.py: error:"), result.stderr
+    assert result.stderr.count("\n") == 1 and "saved no model" in result.stderr, result.stderr
 
 
 @pytest.mark.parametrize("flags", [["--env-ids", "gym_cards/NoSuchGame-v0"],
@@ -1591,12 +1701,17 @@ def test_quickstart_learns_numberline(tiny_pretrained, tmp_path):
     steps: the success rate of the last 8 iterations (about 200 episodes) is far above the random policy's
     0.61 (4 standard errors at 0.75). The full acceptance (>= 0.9 within 10 minutes, 3 seeds) is
     benchmarks/quickstart.sh."""
-    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # it runs alone: all cores
+    env = dict(os.environ)  # it runs alone: all (2) cores, --threads 2; the metrics are those of 1 thread (README)
     result = subprocess.run([sys.executable, str(HERE / "vldac.py"), "--env-id", "gym_cards/NumberLine-v0",
-                             "--total-timesteps", "6144", "--seed", "1"], cwd=tmp_path, capture_output=True,
-                            text=True, env=env)
+                             "--total-timesteps", "6144", "--seed", "1", "--eval-episodes", "10", "--threads", "2"],
+                            cwd=tmp_path,
+                            capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     (run_dir,) = (tmp_path / "runs").iterdir()
+    # it ends with what a user wants next: the model saved, evaluated, GIFs, and where everything is
+    assert (run_dir / "model" / "model.safetensors").stat().st_mode & 0o044, "the saved weights must be readable"
+    assert len(list((run_dir / "videos").glob("*.gif"))) == 2 and "GIFs: runs/" in result.stdout, result.stdout[-800:]
+    assert f"tensorboard --logdir runs" in result.stdout and "evaluate.py --model-ids runs/" in result.stdout
     success = [value for _, value in scalars(run_dir)["charts/success_rate"]]
     assert len(success) == 48, len(success)
     assert np.mean(success[-8:]) >= 0.75, f"no learning: success by iteration {np.round(success, 2).tolist()}"

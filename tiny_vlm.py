@@ -313,8 +313,8 @@ if __name__ == "__main__":
     import argparse
 
     parser = argparse.ArgumentParser(description="Build the tiny VLM and report its caption accuracy.")
-    parser.add_argument("--steps", type=int, default=TinyConfig.pretrain_steps)
-    parser.add_argument("--out", default=None, help="directory (default: the cache)")
+    parser.add_argument("--steps", type=int, default=TinyConfig.pretrain_steps, help="pre-training steps")
+    parser.add_argument("--out", default=None, help="directory to build into (default: the cache, as --model-id tiny)")
     a = parser.parse_args()
     cfg = TinyConfig(pretrain_steps=a.steps)
     path = build(a.out, cfg) if a.out else tiny_model_path(cfg)

@@ -14,7 +14,7 @@ import os
 import random
 import re
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -30,7 +30,7 @@ import envs
 import evaluate
 import rollout
 from distributed import RANK, WORLD_SIZE
-from vlm import fail, is_tiny, load_policy
+from vlm import fail, is_tiny, load_policy, model_dir
 
 
 @dataclass
@@ -49,12 +49,14 @@ class Args:
     """the wandb's project name"""
     wandb_entity: Optional[str] = None
     """the entity (team) of wandb's project"""
-    save_model: bool = False
-    """whether to save the policy, value head, processor and args at the end of training"""
+    save_model: bool = True
+    """save the policy, value head, processor and args at the end (runs/{run_name}/model; evaluate.py loads it)"""
     save_dir: Optional[str] = None
     """where --save-model writes (default: runs/{run_name}/model)"""
     eval_episodes: int = 50
-    """after --save-model, greedy evaluation episodes with evaluate.py (paper: 50); 0 skips it"""
+    """after --save-model, greedy evaluation episodes (paper: 50), 2 recorded as GIFs in the run; 0 skips it"""
+    threads: int = 1
+    """torch CPU threads, 0: one per core. On 2 cores 2 threads are 1.7x faster if idle, 2x slower if busy (README)"""
     checkpoint_every: int = 10
     """write runs/{run_name}/checkpoint.pt every this many updates and after the last, atomically; 0: never"""
     resume: Optional[str] = None
@@ -68,7 +70,7 @@ class Args:
     frame_size: tuple[int, int] = (80, 60)
     """MiniWorld frame (width, height); 80x60 as the authors' code"""
     text_obs: bool = False
-    """if toggled, the prompt also states the last frame's content in text"""
+    """if toggled, the prompt also states the last frame's content in text (the tiny model was not taught it)"""
     invalid_action_penalty: Optional[float] = None
     """reward added when an answer cannot be parsed (None: none; the env plays a random action anyway)"""
 
@@ -167,8 +169,9 @@ def resolve_args(args):
         fail(f"--minibatch-size {args.minibatch_size} must divide num_envs * num_steps = {args.batch_size}")
     if args.minibatch_size % args.micro_batch_size:
         fail(f"--micro-batch-size {args.micro_batch_size} must divide --minibatch-size {args.minibatch_size}")
-    if args.checkpoint_every < 0:
-        fail(f"--checkpoint-every must be >= 0, got {args.checkpoint_every}")
+    for name in ("checkpoint_every", "threads"):
+        if getattr(args, name) < 0:
+            fail(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if args.num_iterations < 1:
         fail(f"--total-timesteps {args.total_timesteps} is less than one rollout "
              f"({args.batch_size * WORLD_SIZE} env steps over {WORLD_SIZE} rank(s))")
@@ -185,8 +188,9 @@ def make_agent(args, device):
     """(Agent, processor) for --model-id (vlm.py: LoRA or full, vision tower frozen; a checkpoint's value head)."""
     policy, processor = load_policy(args.model_id, device, args.lora_r, args.lora_alpha, args.lora_dropout)
     agent = Agent(policy, args.temperature, args.value_stop_grad)
-    if (Path(args.model_id) / "value_head.pt").exists():  # starting from a vldac checkpoint
-        agent.value_head.load_state_dict(torch.load(Path(args.model_id) / "value_head.pt", map_location=device))
+    value_head = Path(model_dir(args.model_id)) / "value_head.pt"
+    if value_head.exists():  # starting from a vldac checkpoint
+        agent.value_head.load_state_dict(torch.load(value_head, map_location=device))
     return agent, processor
 
 
@@ -414,10 +418,7 @@ def update(agent, optimizer, batch, advantages, returns, args, tokenizer, value_
 
 
 if __name__ == "__main__":
-    args = tyro.cli(Args)
-    saved = checkpoint.load_checkpoint(args.resume) if args.resume else None
-    if saved:  # the run continues with its own flags
-        args = replace(Args(**saved["args"]), resume=args.resume)
+    args, saved = checkpoint.resume_args(tyro.cli(Args))  # --resume: the run's own flags and last checkpoint
     args = resolve_args(args)
     run_name = saved["run_name"] if saved else \
         f"{args.env_id.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
@@ -428,6 +429,8 @@ if __name__ == "__main__":
     np.random.seed(args.seed + RANK)
     torch.manual_seed(args.seed)  # the same on every rank: the same value-head initialisation
     torch.backends.cudnn.deterministic = args.torch_deterministic
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(f"cuda:{distributed.LOCAL_RANK}" if use_cuda else "cpu")
 
     try:  # MiniWorld without a working GL context raises, saying what to install
@@ -442,16 +445,14 @@ if __name__ == "__main__":
     runner = rollout.EnvRunner(env_list, args.seed + RANK * 10**6)
     if WORLD_SIZE > 1:
         torch.manual_seed(args.seed + RANK)  # each rank samples its own responses
-    global_step, start_iteration = 0, 1
-    if saved:
-        runner, global_step, start_iteration = checkpoint.resume(saved, agent, optimizer, runner)
+    runner, global_step, start_iteration = checkpoint.resume(saved, agent, optimizer, runner)  # new run: 0 steps done
 
     # rank 0 logs, from here on: a run that fails to start leaves nothing behind
     writer = checkpoint.open_writer(run_dir, run_name, args, resumed_step=global_step if saved else None)
     if RANK == 0:
-        print(f"{run_name}: {sum(p.numel() for p in agent.parameters() if p.requires_grad):,} trainable parameters, "
-              f"{args.num_iterations} iterations of {args.batch_size} env steps x {WORLD_SIZE} rank(s) on {device}",
-              flush=True)
+        print(f"{run_name}: {sum(p.numel() for p in agent.parameters() if p.requires_grad):,} trainable parameters "
+              f"(vision tower frozen), {args.num_iterations} iterations of {args.batch_size} env steps x {WORLD_SIZE} "
+              f"rank(s) on {device}; logs: tensorboard --logdir {run_dir.parent}", flush=True)
 
     start_step, start_time = global_step, time.time()
     for iteration in range(start_iteration, args.num_iterations + 1):
@@ -510,9 +511,7 @@ if __name__ == "__main__":
     if args.save_model and RANK == 0:
         checkpoint.save_model(Path(args.save_dir or run_dir / "model"), agent, processor, args)
         if args.eval_episodes > 0:  # CleanRL's pattern: evaluate the saved policy, log episodic returns
-            result = evaluate.evaluate(agent.policy, processor, args.env_id, num_episodes=args.eval_episodes,
-                                       max_new_tokens=args.max_new_tokens, seed=args.seed + 10_000, writer=writer)
-            print(f"eval: success {result['success_rate']:.2f} over {args.eval_episodes} episodes", flush=True)
+            evaluate.after_training(agent.policy, processor, args, run_dir, writer)
     for env in runner.envs:
         env.close()
     if RANK == 0:

@@ -24,12 +24,35 @@ def fail(message):
     sys.exit(2)
 
 
+def model_dir(model_id):
+    """A training run's directory (runs/NAME) stands for the model it saved (runs/NAME/model); else model_id."""
+    saved = Path(model_id) / "model"
+    return str(saved) if not (Path(model_id) / "config.json").exists() and (saved / "args.json").exists() else model_id
+
+
 def is_tiny(model_id):
-    """`tiny`, a tiny_vlm build directory, or a vldac checkpoint trained from one."""
+    """`tiny`, a tiny_vlm build directory, or a vldac checkpoint (or its run) trained from one."""
+    model_id = model_dir(model_id)
     if model_id == "tiny" or (Path(model_id) / "tiny_vlm.json").exists():
         return True
     saved_args = Path(model_id) / "args.json"
     return saved_args.exists() and is_tiny(json.loads(saved_args.read_text())["model_id"])
+
+
+def why_not_loadable(model_id, error):
+    """The likely cause, in words, of a model that failed to load."""
+    path = Path(model_id).expanduser()
+    if path.is_dir():
+        if (path / "checkpoint.pt").exists():
+            return f"{model_id} is a training run that saved no model (train with --save-model, the default)"
+        if not any((path / name).exists() for name in ("config.json", "adapter_config.json")):
+            return f"{model_id} holds no model (no config.json or adapter_config.json)"
+    elif model_id.startswith((".", "/", "~")) or model_id.count("/") != 1:
+        return f"no such directory: {model_id}"
+    elif hub_offline():
+        return f"{model_id} is not in the local hub cache, and the hub cannot be reached"
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return f"cannot load {model_id} ({reason})"
 
 
 @functools.lru_cache(maxsize=None)
@@ -48,7 +71,7 @@ def load_policy(model_id, device="cpu", lora_r=0, lora_alpha=32, lora_dropout=0.
     """(model, processor) for `tiny`, a local directory, a hub id, or a vldac checkpoint (full weights,
     or a peft adapter directory whose base is loaded first). The vision tower is frozen; with lora_r > 0
     a LoRA adapter is put on the language model's projections (a loaded adapter keeps its own)."""
-    path = tiny_vlm.tiny_model_path() if model_id == "tiny" else model_id
+    path = tiny_vlm.tiny_model_path() if model_id == "tiny" else model_dir(model_id)
     dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
     def local_only(name):  # a local directory, or the hub cache when the hub cannot be reached
@@ -63,8 +86,7 @@ def load_policy(model_id, device="cpu", lora_r=0, lora_alpha=32, lora_dropout=0.
         else:
             model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, local_files_only=local_only(path))
     except (OSError, ValueError) as e:
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        fail(f"cannot load model {model_id!r} ({reason}); offline? use `tiny` or a local path")
+        fail(f"{why_not_loadable(model_id, e)}; models: `tiny`, a local directory, a run directory or a hub id")
     for name, param in model.named_parameters():
         if any(part in name for part in VISION_TOWER):
             param.requires_grad_(False)

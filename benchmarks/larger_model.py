@@ -44,11 +44,11 @@ def build(out, text_layers=2, vision_depth=2):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--text-layers", type=int, default=2)
-    parser.add_argument("--vision-depth", type=int, default=2)
-    parser.add_argument("--full-depth", action="store_true")
-    parser.add_argument("--env-id", default="gym_cards/NumberLine-v0")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--text-layers", type=int, default=2, help="language-model layers (the real 2B has 28)")
+    parser.add_argument("--vision-depth", type=int, default=2, help="vision-tower blocks (the real 2B has 32)")
+    parser.add_argument("--full-depth", action="store_true", help="all 28 text layers and 32 vision blocks (a GPU)")
+    parser.add_argument("--env-id", default="gym_cards/NumberLine-v0", help="the env vldac.py trains on")
     a = parser.parse_args()
     text_layers, vision_depth = (28, 32) if a.full_depth else (a.text_layers, a.vision_depth)
     out = build(Path(tempfile.mkdtemp(prefix="qwen2vl-2b-layout-")), text_layers, vision_depth)

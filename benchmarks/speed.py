@@ -50,8 +50,8 @@ parser.add_argument("--text-layers", type=int, default=2, help="--model 2b: text
 parser.add_argument("--vision-depth", type=int, default=2, help="--model 2b: vision blocks (2B: 32)")
 parser.add_argument("--full-depth", action="store_true", help="--model 2b: all 28 text layers, 32 vision blocks")
 parser.add_argument("--max-new-tokens", type=int, default=None, help="default: the model's (tiny 48, 2b 256)")
-parser.add_argument("--seed", type=int, default=1)
-parser.add_argument("--env-id", default="gym_cards/NumberLine-v0")
+parser.add_argument("--seed", type=int, default=1, help="seed of envs, sampling and weights")
+parser.add_argument("--env-id", default="gym_cards/NumberLine-v0", help="the env the rollout plays")
 parser.add_argument("--markdown", action="store_true", help="also print a README-ready table")
 parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one configuration, print JSON
 parser.add_argument("--model-path", help=argparse.SUPPRESS)  # internal: the built 2b directory

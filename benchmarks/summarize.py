@@ -1,9 +1,11 @@
 """Summarise vldac.py stdout logs: first iteration whose success rate, averaged with the next two
 iterations, reaches 0.9; that point's env steps and wall time; and the final-quarter mean success."""
+import argparse
 import re
-import sys
 
-for path in sys.argv[1:]:
+parser = argparse.ArgumentParser(description=__doc__.replace("\n", " "))
+parser.add_argument("logs", nargs="+", help="vldac.py stdout files (benchmarks/quickstart.sh writes runs/quickstart/seed*.log)")
+for path in parser.parse_args().logs:
     rows = [(int(m[1]), float(m[2]), float(m[3])) for m in
             re.finditer(r"steps (\d+) SPS ([\d.]+) \| success ([\d.na]+)", open(path).read()) if m[3] != "nan"]
     steps, sps, success = zip(*[(s, p, float(x)) for s, p, x in rows]) if rows else ((), (), ())

@@ -15,7 +15,8 @@ import rollout  # noqa: E402
 import tiny_vlm  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
+parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16], help="prompts per call, one timing each")
+batch_sizes = parser.parse_args().batch_sizes  # before the model loads: --help answers at once
 model, processor = tiny_vlm.load(tiny_vlm.tiny_model_path())
 
 
@@ -27,7 +28,7 @@ def timed(fn, repeats):
     return (time.perf_counter() - start) / repeats
 
 
-for batch in parser.parse_args().batch_sizes:
+for batch in batch_sizes:
     env_list = [envs.make_env("gym_cards/NumberLine-v0") for _ in range(batch)]
     frames = [env.reset(seed=i)[0] for i, env in enumerate(env_list)]
     inputs = rollout.prompt_inputs(processor, frames, [env.prompt() for env in env_list], "cpu")

@@ -14,8 +14,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import envs  # noqa: E402
 import tiny_vlm  # noqa: E402
 
-parser = argparse.ArgumentParser()
-parser.add_argument("--steps", type=int, default=300)
+parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser.add_argument("--steps", type=int, default=300, help="training steps of the linear read-out, per normalisation")
 a = parser.parse_args()
 cfg = tiny_vlm.TinyConfig()
 sampler = tiny_vlm.StateSampler(["gym_cards/NumberLine-v0"], seed=0)
