@@ -96,7 +96,8 @@ def resume_args(args):
         return args, None
     changed = [key for key, value in asdict(args).items() if value != getattr(type(args)(resume=args.resume), key)]
     if changed:
-        fail(f"--resume continues a run with its own flags; drop {' '.join('--' + k.replace('_', '-') for k in changed)}")
+        flags = " ".join("--" + key.replace("_", "-") for key in changed)
+        fail(f"--resume continues a run with its own flags; drop {flags}")
     checkpoint = load_checkpoint(args.resume)
     if checkpoint["iteration"] >= checkpoint["args"]["num_iterations"]:
         print(f"{args.resume} finished all {checkpoint['iteration']} iterations: nothing left to resume")

@@ -6,7 +6,8 @@ import os
 import torch
 import torch.distributed as dist
 
-RANK, LOCAL_RANK, WORLD_SIZE = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
+RANK, LOCAL_RANK, WORLD_SIZE = (int(os.environ.get(name, default))
+                                for name, default in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
 
 
 def init(use_cuda):

@@ -685,7 +685,8 @@ class MiniWorldTextEnv(TextEnv):
     unsolved_penalty = -1.0
 
     def __init__(self, env, env_id, **kwargs):
-        gym.utils.RecordConstructorArgs.__init__(self, env_id=env_id, **kwargs)  # first: TextEnv's record is then skipped
+        # recorded first, so that TextEnv's own record (the action list) is skipped: the spec rebuilds this class
+        gym.utils.RecordConstructorArgs.__init__(self, env_id=env_id, **kwargs)
         super().__init__(env, MINIWORLD_ACTIONS, **kwargs)
         self.task = MINIWORLD_TASKS[env_id]
         self.max_steps = env.spec.max_episode_steps

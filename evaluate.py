@@ -169,9 +169,9 @@ def after_training(model, processor, args, run_dir, writer):
     """vldac.py's last step: args.eval_episodes greedy episodes of the trained policy (episode returns logged to
     TensorBoard, the first 2 recorded as GIFs in the run directory); prints where everything is."""
     env_kwargs = dict(num_frames=args.num_frames, text_obs=args.text_obs, frame_size=args.frame_size)
-    result = evaluate(model, processor, args.env_id, num_episodes=args.eval_episodes, max_new_tokens=args.max_new_tokens,
-                      seed=args.seed + 10_000, video_dir=run_dir / "videos", video_episodes=2, env_kwargs=env_kwargs,
-                      writer=writer)
+    result = evaluate(model, processor, args.env_id, num_episodes=args.eval_episodes,
+                      max_new_tokens=args.max_new_tokens, seed=args.seed + 10_000, video_dir=run_dir / "videos",
+                      video_episodes=2, env_kwargs=env_kwargs, writer=writer)
     low, high = result["success_ci95"]
     print(f"eval: success {result['success_rate']:.2f} [{low:.2f}, {high:.2f}] over {args.eval_episodes} greedy "
           f"episodes; GIFs: {' '.join(result['videos'])}\nrun directory: {run_dir}; TensorBoard: tensorboard "

@@ -4,7 +4,7 @@ import argparse
 import re
 
 parser = argparse.ArgumentParser(description=__doc__.replace("\n", " "))
-parser.add_argument("logs", nargs="+", help="vldac.py stdout files (benchmarks/quickstart.sh writes runs/quickstart/seed*.log)")
+parser.add_argument("logs", nargs="+", help="vldac.py stdout files (quickstart.sh writes runs/quickstart/seed*.log)")
 for path in parser.parse_args().logs:
     rows = [(int(m[1]), float(m[2]), float(m[3])) for m in
             re.finditer(r"steps (\d+) SPS ([\d.]+) \| success ([\d.na]+)", open(path).read()) if m[3] != "nan"]
