@@ -144,7 +144,7 @@ class Args:
 PAPER_DEFAULTS = dict(total_timesteps=51_200, num_envs=16, num_steps=16, minibatch_size=128, micro_batch_size=4,
                       learning_rate=5e-5, end_learning_rate=1e-7, update_epochs=2, vf_coef=0.15, kl_beta=0.05,
                       value_warmup_iters=2, max_grad_norm=0.01, max_new_tokens=256, lora_r=16, lora_alpha=32)
-# The tiny model (1.5M parameters, CPU): full fine-tune, a larger learning rate, short answers (README, Tiny model).
+# The tiny model (1.5M parameters, CPU): full fine-tune, a larger learning rate, short answers (docs/results.md).
 TINY_DEFAULTS = dict(total_timesteps=12_288, num_envs=16, num_steps=8, minibatch_size=64, micro_batch_size=32,
                      learning_rate=3e-4, end_learning_rate=3e-5, update_epochs=2, vf_coef=0.15, kl_beta=0.05,
                      value_warmup_iters=2, max_grad_norm=1.0, max_new_tokens=48, lora_r=0, lora_alpha=32)
