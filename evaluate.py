@@ -168,10 +168,9 @@ def evaluate(model, processor, env_id, num_episodes=50, num_envs=10, temperature
 def after_training(model, processor, args, run_dir, writer):
     """vldac.py's last step: args.eval_episodes greedy episodes of the trained policy (episode returns logged to
     TensorBoard, the first 2 recorded as GIFs in the run directory); prints where everything is."""
-    env_kwargs = dict(num_frames=args.num_frames, text_obs=args.text_obs, frame_size=args.frame_size)
     result = evaluate(model, processor, args.env_id, num_episodes=args.eval_episodes,
                       max_new_tokens=args.max_new_tokens, seed=args.seed + 10_000, video_dir=run_dir / "videos",
-                      video_episodes=2, env_kwargs=env_kwargs, writer=writer)
+                      video_episodes=2, env_kwargs=observation_kwargs(vars(args)), writer=writer)
     low, high = result["success_ci95"]
     print(f"eval: success {result['success_rate']:.2f} [{low:.2f}, {high:.2f}] over {args.eval_episodes} greedy "
           f"episodes; GIFs: {' '.join(result['videos'])}\nrun directory: {run_dir}; TensorBoard: tensorboard "
@@ -179,13 +178,17 @@ def after_training(model, processor, args, run_dir, writer):
     return result
 
 
+def observation_kwargs(train_args):
+    """envs.make_env's observation settings of a training run, from its args as a dict (frames in the prompt,
+    text obs, frame size)."""
+    return dict(num_frames=train_args["num_frames"], text_obs=train_args["text_obs"],
+                frame_size=tuple(train_args["frame_size"]))
+
+
 def checkpoint_env_kwargs(model_id):
-    """Observation settings a vldac checkpoint was trained with (frames in the prompt, text obs, frame size)."""
+    """Observation settings a vldac checkpoint was trained with ({} for a model vldac.py did not save)."""
     saved_args = Path(model_dir(model_id)) / "args.json"
-    if not saved_args.exists():
-        return {}
-    saved = json.loads(saved_args.read_text())
-    return dict(num_frames=saved["num_frames"], text_obs=saved["text_obs"], frame_size=tuple(saved["frame_size"]))
+    return observation_kwargs(json.loads(saved_args.read_text())) if saved_args.exists() else {}
 
 
 def markdown_table(records):
