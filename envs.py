@@ -395,8 +395,11 @@ class PointsGame(CardGame):
         return img
 
     def state_text(self):
-        labels = ", ".join(_label(c[1]) for c in self.cards)
-        return f"Cards: {labels}. Formula: {' '.join(map(str, self.formula))}".rstrip()
+        return f"{self.cards_text()} Formula: {' '.join(map(str, self.formula))}".rstrip()
+
+    def cards_text(self):
+        """The cards alone, e.g. "Cards: 5, K." (what the tiny model is taught to read; the prompt has the formula)."""
+        return f"Cards: {', '.join(_label(c[1]) for c in self.cards)}."
 
     def solved(self, reward, terminated):
         return reward == 10
@@ -558,7 +561,7 @@ def _walls_block(a, b, segs):
 def miniworld_view_text(world):
     """Where the red box is in the agent's view: "red box ahead left, far" / "no red box in view".
     Geometry in the floor plane: the camera's horizontal field of view, walls as occluders (a ray to
-    the box centre or either side edge must be clear). Coarse buckets: straight ahead within 10 deg,
+    the box centre or either side edge must be clear). Coarse buckets: straight ahead within 15 deg,
     near < 2.5 m, mid < 5 m, far beyond. Other entities (none in these four tasks) are ignored."""
     a, box = world.agent.pos[[0, 2]], world.box
     forward, right = world.agent.dir_vec[[0, 2]], world.agent.right_vec[[0, 2]]
@@ -578,7 +581,7 @@ def miniworld_view_text(world):
     if not any(seen(p) for p in (centre, centre + side, centre - side)):
         return "no red box in view"
     angle = math.degrees(math.atan2(offset @ right, offset @ forward))  # > 0: right of centre
-    where = "straight ahead" if abs(angle) <= 10 else ("ahead right" if angle > 0 else "ahead left")
+    where = "straight ahead" if abs(angle) <= 15 else ("ahead right" if angle > 0 else "ahead left")
     return f"red box {where}, {'near' if dist < 2.5 else 'mid' if dist < 5 else 'far'}"
 
 

@@ -25,7 +25,7 @@ from PIL import Image, ImageDraw, ImageFont
 import envs
 import rollout
 import tiny_vlm
-from vlm import fail, is_tiny, load_policy, model_dir
+from vlm import fail, is_tiny, load_policy, model_dir, resolve
 
 # --max-new-tokens when not given: vldac.py's defaults tables (TINY_DEFAULTS / PAPER_DEFAULTS; a test pins them)
 DEFAULT_MAX_NEW_TOKENS = dict(tiny=48, paper=256)
@@ -55,7 +55,7 @@ class Args:
     video_episodes: int = 2
     """episodes recorded per (model, env) with --capture-video (the first ones)"""
     caption_probe: Optional[bool] = None
-    """caption accuracy of held-out gym-cards frames (tiny_vlm.caption_accuracy; None: on for tiny-based models)"""
+    """caption accuracy on held-out frames (tiny_vlm.caption_accuracy; None: on for tiny-based models)"""
     caption_frames: int = 200
     """frames per caption probe"""
     output: Optional[str] = None
@@ -226,19 +226,22 @@ if __name__ == "__main__":
 
     records, settings = [], {}
     for model_id in args.model_ids:
-        model, processor = load_policy(model_id, device)
         tiny = is_tiny(model_id)
         max_new_tokens = args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS["tiny" if tiny else "paper"]
         settings[model_id] = dict(max_new_tokens=max_new_tokens)
         probe = tiny if args.caption_probe is None else args.caption_probe
+        loaded = None
         for env_id in args.env_ids:
+            if loaded != resolve(model_id, env_id):  # `tiny` is one model per family of envs
+                loaded = resolve(model_id, env_id)
+                model, processor = load_policy(model_id, device, env_id=env_id)
             tag = model_id.strip("/").replace("/", "_")
             record = evaluate(model, processor, env_id, args.num_episodes, args.num_envs, args.temperature,
                               max_new_tokens, args.seed, env_kwargs=checkpoint_env_kwargs(model_id),
                               video_dir=output.with_suffix("") / tag if args.capture_video else None,
                               video_episodes=args.video_episodes)
             caption = None
-            if probe and env_id in envs.CARD_IDS:
+            if probe:
                 caption = tiny_vlm.caption_accuracy(rollout.base_model(model), processor, env_id, args.caption_frames)
             records.append(dict(model_id=model_id, **record, caption_accuracy=caption))
             print(f"{model_id} {env_id}: success {record['success_rate']:.2f}", flush=True)

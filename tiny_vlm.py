@@ -22,8 +22,10 @@ Two choices make a 1.5M-parameter model learn to read digits in a minute instead
   look (uniform attention over the image tokens is then already informative). The head is dropped
   after pre-training; the saved model is a plain Qwen2-VL.
 """
+import collections
 import hashlib
 import json
+import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -83,6 +85,41 @@ class TinyConfig:
     # 1000 steps) the model read none of them, NumberLine included, within the budget (see README)
     env_weights: tuple = (1.0, 0.0, 0.0, 0.0)
     seed: int = 0
+    # Fields added after the NumberLine recipe shipped; the cache key leaves them out at these defaults, so that
+    # model (and every figure measured with it) is unchanged.
+    state_pool: int = 0  # N > 0: draw N states per env once, then sample them with every caption equally often
+    caption_formula: bool = True  # the points games' captions include the formula (only the NumberLine recipe's
+    # tokenizer was trained that way; the other recipes caption the cards alone, the prompt states the formula)
+    aux_pool: str = "mean"  # the probe reads the mean of an image's features, or "flat": all of them, in place
+    # (which card is first, is the box left or right: the mean of the features keeps what, not where)
+
+
+# One tiny model per family of envs, each pre-trained on its own frames: one model for several games read none
+# of them within the budget (docs/tiny_model.md). `--model-id tiny` picks the family of `--env-id`.
+_READER = dict(caption_formula=False, aux_pool="flat")
+FAMILIES = {
+    "numberline": TinyConfig(),
+    "ezpoints": TinyConfig(env_ids=("gym_cards/EZPoints-v0",), env_weights=(1.0,), pretrain_steps=800, **_READER),
+    # Points24's four small cards are not read even by the vision tower alone (docs/tiny_model.md): the build
+    # teaches the answer format only, so it is short
+    "points24": TinyConfig(env_ids=("gym_cards/Points24-v0",), env_weights=(1.0,), pretrain_steps=300, **_READER),
+    "blackjack": TinyConfig(env_ids=("gym_cards/Blackjack-v0",), env_weights=(1.0,), pretrain_steps=700, **_READER),
+    # 4-frame task prompts are long: 2 per step instead of 4
+    "miniworld": TinyConfig(env_ids=tuple(envs.MINIWORLD_IDS), env_weights=(1.0,) * 4, state_pool=1500,
+                            format_batch_size=2, pretrain_steps=1000, **_READER),
+}
+
+
+def family_of(env_id):
+    """The name of the tiny model family that reads env_id's frames."""
+    if env_id not in envs.ENV_IDS:
+        raise ValueError(f"unknown env_id {env_id!r}")
+    return next(name for name, cfg in FAMILIES.items() if env_id in cfg.env_ids and
+                cfg.env_weights[cfg.env_ids.index(env_id)] > 0)
+
+
+def config_for(env_id) -> TinyConfig:
+    return FAMILIES[family_of(env_id)]
 
 
 # ---------------------------------------------------------------------------- 1-3. build
@@ -135,22 +172,62 @@ def build_model(cfg: TinyConfig, tokenizer) -> Qwen2VLForConditionalGeneration:
 
 # ---------------------------------------------------------------------------- 4. data
 class StateSampler:
-    """States visited by a uniformly random policy, as (frames, prompt, caption, actions, answer_of)."""
+    """States to learn from, as (frames, prompt, caption, actions, answer_of). Without a pool: a few uniformly
+    random steps before each sample. With pool=N: N states per env drawn once (MiniWorld walks head for the box
+    half the time: a random walk rarely comes near it), then sampled with every caption equally often."""
 
-    def __init__(self, env_ids, seed, weights=None):
+    def __init__(self, env_ids, seed, weights=None, pool=0, caption_formula=True):
         self.rng = np.random.default_rng(seed)
         self.envs = [envs.make_env(env_id) for env_id in env_ids]
         self.weights = None if weights is None else np.asarray(weights) / np.sum(weights)
+        self.caption_formula = caption_formula
         for env in self.envs:
             env.reset(seed=int(self.rng.integers(2**31)))
+        self.pools = [self._draw_pool(env, pool) for env in self.envs] if pool else None
 
     def sample(self):
-        env = self.envs[self.rng.choice(len(self.envs), p=self.weights)]
+        index = self.rng.choice(len(self.envs), p=self.weights)
+        if self.pools:
+            states, weights = self.pools[index]
+            return states[self.rng.choice(len(states), p=weights)]
+        env = self.envs[index]
         for _ in range(int(self.rng.integers(0, 4))):  # a few random steps: formulas, hands, moves
             _, _, terminated, truncated, _ = env.step(int(self.rng.integers(len(env.actions))))
             if terminated or truncated:
                 env.reset(seed=int(self.rng.integers(2**31)))
-        return list(env.frames), env.prompt(), env.state_text(), env.actions, answer_format(env)
+        return self._state(env)
+
+    def _state(self, env):
+        return list(env.frames), env.prompt(), caption(env, self.caption_formula), env.actions, answer_format(env)
+
+    def _draw_pool(self, env, size):
+        states, seek = [self._state(env)], isinstance(env, envs.MiniWorldTextEnv)
+        while len(states) < size:
+            explore = not seek or self.rng.random() < 0.5
+            action = int(self.rng.integers(len(env.actions))) if explore else seek_box(env.unwrapped)
+            _, _, terminated, truncated, _ = env.step(action)
+            states.append(self._state(env))
+            if terminated or truncated:
+                env.reset(seed=int(self.rng.integers(2**31)))
+        counts = collections.Counter(state[2] for state in states)
+        weights = np.array([1.0 / counts[state[2]] for state in states])
+        return states, weights / weights.sum()
+
+
+def caption(env, formula=True):
+    """What the model is taught to say about the newest frame: the env's state_text(), the points games'
+    formula left out when formula=False (it is in the prompt)."""
+    if not formula and isinstance(env.unwrapped, envs.PointsGame):
+        return env.unwrapped.cards_text()
+    return env.state_text()
+
+
+def seek_box(world):
+    """MiniWorld action index that heads for the red box (walls ignored): for drawing states near it, never
+    as an answer (the answers' actions stay uniformly random)."""
+    offset = world.box.pos[[0, 2]] - world.agent.pos[[0, 2]]
+    angle = math.degrees(math.atan2(offset @ world.agent.right_vec[[0, 2]], offset @ world.agent.dir_vec[[0, 2]]))
+    return 2 if abs(angle) <= 10 else (1 if angle > 0 else 0)  # move forward, turn right, turn left
 
 
 def answer_format(env):
@@ -207,7 +284,13 @@ def pretrain(model, processor, sampler, cfg: TinyConfig, steps=None, progress=Tr
     rng = np.random.default_rng(cfg.seed)
     torch.manual_seed(cfg.seed)
     vocab, probe_len = len(processor.tokenizer), 24
-    probe = torch.nn.Linear(cfg.hidden_size, probe_len * vocab)  # mean image feature -> caption tokens
+    if cfg.aux_pool in ("mean", "token"):
+        probe = torch.nn.Linear(cfg.hidden_size, probe_len * vocab)  # mean image feature -> caption tokens
+    else:  # every image token's feature, through a 256-wide linear bottleneck (a full matrix would be 60M weights)
+        frame = sampler.sample()[0][-1]
+        tokens = int(processor.image_processor(images=[frame])["image_grid_thw"].prod() // 4)
+        probe = torch.nn.Sequential(torch.nn.Linear(tokens * cfg.hidden_size, 256),
+                                    torch.nn.Linear(256, probe_len * vocab))
     captured = {}
     hook = model.model.visual.register_forward_hook(lambda m, i, o: captured.__setitem__("feats", o.pooler_output))
     params = list(model.parameters()) + list(probe.parameters())
@@ -226,13 +309,16 @@ def pretrain(model, processor, sampler, cfg: TinyConfig, steps=None, progress=Tr
             loss = loss + model(**formats).loss
         if cfg.aux_coef > 0:
             tokens_per_image = (batch["image_grid_thw"].prod(-1) // 4).tolist()
-            image_feats = torch.stack([f.mean(0) for f in caption_feats.split(tokens_per_image)])  # (B, hidden)
+            pool = {"mean": lambda f: f.mean(0), "flat": lambda f: f.flatten(), "token": lambda f: f}[cfg.aux_pool]
+            image_feats = torch.stack([pool(f) for f in caption_feats.split(tokens_per_image)])  # (B, D) or (B, T, D)
             targets = torch.full((len(tokens_per_image), probe_len), -100)  # first probe_len caption tokens
             for i, labels in enumerate(batch["labels"]):
                 caption = labels[labels != -100][:probe_len]
                 targets[i, : len(caption)] = caption
-            logits = probe(image_feats).view(-1, probe_len, vocab)
-            loss = loss + cfg.aux_coef * F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+            if cfg.aux_pool == "token":  # every image token predicts the whole caption
+                targets = targets[:, None].expand(-1, image_feats.shape[1], -1)
+            logits = probe(image_feats).view(*targets.shape, vocab)
+            loss = loss + cfg.aux_coef * F.cross_entropy(logits.flatten(0, -2), targets.flatten(), ignore_index=-100)
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -255,8 +341,7 @@ def caption_accuracy(model, processor, env_id, num_frames=200, seed=12345, batch
     """Exact-match accuracy of the model's caption of held-out frames (states from seeds the
     pre-training never drew) against env.state_text(). Works for any checkpoint built on the tiny
     model, before or after RL: the miniature of the paper's "RL does not degrade image understanding"."""
-    sampler = StateSampler([env_id], seed=seed)
-    states = [sampler.sample() for _ in range(num_frames)]
+    states = held_out_states(env_id, num_frames, seed)
     correct = 0
     for i in range(0, num_frames, batch_size):
         chunk = states[i : i + batch_size]
@@ -265,13 +350,37 @@ def caption_accuracy(model, processor, env_id, num_frames=200, seed=12345, batch
     return correct / num_frames
 
 
+def held_out_states(env_id, num_states, seed=12345):
+    """States drawn as the env's family draws them in pre-training, from a seed that pre-training never uses."""
+    cfg = config_for(env_id)
+    sampler = StateSampler([env_id], seed=seed, pool=cfg.state_pool, caption_formula=cfg.caption_formula)
+    return [sampler.sample() for _ in range(num_states)]
+
+
+@torch.no_grad()
+def parse_failure_rate(model, processor, env_id, num_prompts=200, seed=12346, batch_size=50, max_new_tokens=48):
+    """Share of answers to held-out task prompts, sampled at temperature 1 as in a rollout, that name no valid
+    action (envs.parse_action). Before RL this says whether the model knows the env's answer format."""
+    states, failures = held_out_states(env_id, num_prompts, seed), 0
+    rng = np.random.default_rng(0)
+    torch.manual_seed(seed)
+    for i in range(0, num_prompts, batch_size):
+        chunk = states[i : i + batch_size]
+        batch = rollout.prompt_inputs(processor, [s[0] for s in chunk], [s[1] for s in chunk], model.device)
+        ids = rollout.generate(model, batch, processor.tokenizer.pad_token_id, max_new_tokens, temperature=1.0)
+        for answer, state in zip(processor.batch_decode(ids, skip_special_tokens=True), chunk):
+            failures += envs.parse_action(answer, state[3], rng)[1]
+    return failures / num_prompts
+
+
 # ---------------------------------------------------------------------------- build + cache
 def build(out_dir, cfg: TinyConfig = TinyConfig(), progress=True):
     """Build, pre-train and save (model + processor + a card with what was measured) to out_dir."""
     start = time.time()
     torch.manual_seed(cfg.seed)
-    processor = build_processor(cfg, tokenizer_corpus(StateSampler(cfg.env_ids, seed=cfg.seed)))  # every env's text
-    sampler = StateSampler(cfg.env_ids, seed=cfg.seed, weights=cfg.env_weights)
+    recipe = dict(pool=cfg.state_pool, caption_formula=cfg.caption_formula)
+    processor = build_processor(cfg, tokenizer_corpus(StateSampler(cfg.env_ids, seed=cfg.seed, **recipe)))
+    sampler = StateSampler(cfg.env_ids, seed=cfg.seed, weights=cfg.env_weights, **recipe)
     model = build_model(cfg, processor.tokenizer)
     pretrain(model, processor, sampler, cfg, progress=progress)
     out_dir = Path(out_dir)
@@ -288,13 +397,21 @@ def cache_dir():
     return Path(os.environ.get("VLDAC_CACHE", Path.home() / ".cache" / "vldac"))
 
 
+def cache_path(cfg: TinyConfig) -> Path:
+    """Where the model of cfg is cached: keyed by its config and the data version."""
+    later = {"state_pool": 0, "caption_formula": True, "aux_pool": "mean"}  # hashed only when changed (see TinyConfig)
+    fields = {k: v for k, v in asdict(cfg).items() if k not in later or v != later[k]}
+    key = hashlib.sha1(json.dumps([fields, DATA_VERSION], sort_keys=True).encode()).hexdigest()[:10]
+    return cache_dir() / f"tiny-qwen2-vl-{key}"
+
+
 def tiny_model_path(cfg: TinyConfig = TinyConfig(), progress=True) -> str:
-    """The tiny model's directory, built on first use and cached, keyed by its config and data version."""
-    key = hashlib.sha1(json.dumps([asdict(cfg), DATA_VERSION], sort_keys=True).encode()).hexdigest()[:10]
-    path = cache_dir() / f"tiny-qwen2-vl-{key}"
+    """The tiny model's directory, built on first use and cached (cache_path)."""
+    path = cache_path(cfg)
     if not (path / "tiny_vlm.json").exists():
         tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        print(f"Building the tiny VLM (once, about 2-3 minutes on 2 CPU cores) into {path}", flush=True)
+        print(f"Building the tiny VLM for {', '.join(cfg.env_ids)} (once, about 3-4 minutes on 2 CPU cores) "
+              f"into {path}", flush=True)
         build(tmp, cfg, progress=progress)
         try:
             os.replace(tmp, path)  # atomic: a concurrent builder or a crash never leaves half a model
@@ -311,15 +428,22 @@ def load(path):
 
 if __name__ == "__main__":
     import argparse
+    import dataclasses
 
-    parser = argparse.ArgumentParser(description="Build the tiny VLM and report its caption accuracy.")
-    parser.add_argument("--steps", type=int, default=TinyConfig.pretrain_steps, help="pre-training steps")
-    parser.add_argument("--out", default=None, help="directory to build into (default: the cache, as --model-id tiny)")
+    parser = argparse.ArgumentParser(description="Build tiny VLMs (one per family of envs) and report, per env, "
+                                     "caption accuracy and parse failures at temperature 1 on held-out states.")
+    parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES), metavar="FAMILY",
+                        help=f"any of: {' '.join(FAMILIES)} (default: all)")
+    parser.add_argument("--steps", type=int, default=None, help="pre-training steps (default: the family's)")
+    parser.add_argument("--out", default=None, help="directory to build into, one sub-directory per family "
+                        "(default: the cache, as --model-id tiny)")
     a = parser.parse_args()
-    cfg = TinyConfig(pretrain_steps=a.steps)
-    path = build(a.out, cfg) if a.out else tiny_model_path(cfg)
-    model, processor = load(path)
-    card = json.loads((Path(path) / "tiny_vlm.json").read_text())
-    print(f"{path}: {card['parameters']:,} parameters, built in {card['build_seconds']} s")
-    for env_id in cfg.env_ids:
-        print(f"caption accuracy {env_id}: {caption_accuracy(model, processor, env_id):.3f}")
+    for name in a.families:
+        cfg = FAMILIES[name] if a.steps is None else dataclasses.replace(FAMILIES[name], pretrain_steps=a.steps)
+        path = build(Path(a.out) / name, cfg) if a.out else tiny_model_path(cfg)
+        model, processor = load(path)
+        card = json.loads((Path(path) / "tiny_vlm.json").read_text())
+        print(f"{name}: {path}: {card['parameters']:,} parameters, built in {card['build_seconds']} s", flush=True)
+        for env_id in (e for e, w in zip(cfg.env_ids, cfg.env_weights) if w > 0):
+            print(f"  {env_id}: caption accuracy {caption_accuracy(model, processor, env_id):.3f}, parse failures "
+                  f"{parse_failure_rate(model, processor, env_id):.3f}", flush=True)

@@ -76,7 +76,7 @@ class Args:
 
     # Model. None = the model's defaults table below: PAPER_DEFAULTS, or TINY_DEFAULTS for --model-id tiny
     model_id: str = "tiny"
-    """`tiny` (built on first use and cached), a hub id, a local directory, or a vldac checkpoint"""
+    """`tiny` (the one for --env-id, built on first use, cached), a hub id, a local directory, or a vldac checkpoint"""
     lora_r: Optional[int] = None
     """LoRA rank, 0 = full fine-tune (paper: 16, Table 6; None: the defaults table)"""
     lora_alpha: Optional[int] = None
@@ -186,7 +186,7 @@ def resolve_args(args):
 
 def make_agent(args, device):
     """(Agent, processor) for --model-id (vlm.py: LoRA or full, vision tower frozen; a checkpoint's value head)."""
-    policy, processor = load_policy(args.model_id, device, args.lora_r, args.lora_alpha, args.lora_dropout)
+    policy, processor = load_policy(args.model_id, device, args.lora_r, args.lora_alpha, args.lora_dropout, args.env_id)
     agent = Agent(policy, args.temperature, args.value_stop_grad)
     value_head = Path(model_dir(args.model_id)) / "value_head.pt"
     if value_head.exists():  # starting from a vldac checkpoint

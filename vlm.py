@@ -67,11 +67,17 @@ def hub_offline():
         return True
 
 
-def load_policy(model_id, device="cpu", lora_r=0, lora_alpha=32, lora_dropout=0.0):
-    """(model, processor) for `tiny`, a local directory, a hub id, or a vldac checkpoint (full weights,
-    or a peft adapter directory whose base is loaded first). The vision tower is frozen; with lora_r > 0
-    a LoRA adapter is put on the language model's projections (a loaded adapter keeps its own)."""
-    path = tiny_vlm.tiny_model_path() if model_id == "tiny" else model_dir(model_id)
+def resolve(model_id, env_id):
+    """The directory or hub id to load: `tiny` is the tiny model of env_id's family (built on first use)."""
+    return tiny_vlm.tiny_model_path(tiny_vlm.config_for(env_id)) if model_id == "tiny" else model_dir(model_id)
+
+
+def load_policy(model_id, device="cpu", lora_r=0, lora_alpha=32, lora_dropout=0.0, env_id="gym_cards/NumberLine-v0"):
+    """(model, processor) for `tiny` (the one that reads env_id), a local directory, a hub id, or a vldac
+    checkpoint (full weights, or a peft adapter directory whose base is loaded first). The vision tower is
+    frozen; with lora_r > 0 a LoRA adapter is put on the language model's projections (a loaded adapter keeps
+    its own)."""
+    path = resolve(model_id, env_id)
     dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
     def local_only(name):  # a local directory, or the hub cache when the hub cannot be reached

@@ -12,8 +12,8 @@ Per env and variant, over seeds (mean +- sample std), from `charts/success_rate`
 - peak success: the maximum of the 3-iteration moving average;
 - env steps to target: the first iteration whose 3-iteration moving average (that iteration and the two
   before it) reaches --target, as env steps; mean over the seeds that reached it, and how many did;
-- caption accuracy on NumberLine (tiny_vlm.caption_accuracy) of the base model and of each trained model:
-  does RL degrade image understanding? (The tiny model only captions NumberLine, so only that env is probed.)
+- caption accuracy on the run's env (tiny_vlm.caption_accuracy) of the base model and of each trained model:
+  does RL degrade image understanding?
 """
 import argparse
 import json
@@ -28,7 +28,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CAPTION_ENV = "gym_cards/NumberLine-v0"
 
 # variant -> extra vldac.py flags; every variant changes one thing relative to VL-DAC as shipped
 # (per-token PPO, 2 value-only warm-up updates, value head on the detached hidden state, KL beta 0.05)
@@ -39,19 +38,18 @@ VARIANTS = {
     "vldac-no-stopgrad": ["--no-value-stop-grad"],
     "vldac-no-kl": ["--kl-beta", "0"],
 }
-# success rate to count "env steps to reach"; envs left out get no such column. The tiny model does not read
-# the cards (caption accuracy 0 on EZPoints), so 0.9 there is out of its reach.
+# success rate to count "env steps to reach"; envs left out get no such column
 DEFAULT_TARGETS = {"gym_cards/NumberLine-v0": 0.9}
 
 
-def probe(model_id):
-    """Caption accuracy of one model on NumberLine frames (runs in a child process: see run_one)."""
+def probe(model_id, env_id):
+    """Caption accuracy of one model on env_id's held-out frames (runs in a child process: see run_probe)."""
     sys.path.insert(0, str(ROOT))
     import tiny_vlm
     import vlm
 
-    model, processor = vlm.load_policy(model_id)
-    return tiny_vlm.caption_accuracy(model, processor, CAPTION_ENV)
+    model, processor = vlm.load_policy(model_id, env_id=env_id)
+    return tiny_vlm.caption_accuracy(model, processor, env_id)
 
 
 def child_env():
@@ -59,22 +57,24 @@ def child_env():
     return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-def run_probe(model_id):
+def run_probe(model_id, env_id):
     """probe() in a one-thread child process: it takes the run's slot, and the parent never imports torch."""
-    out = subprocess.run([sys.executable, __file__, "--probe", str(model_id)], env=child_env(),
+    out = subprocess.run([sys.executable, __file__, "--probe", str(model_id), env_id], env=child_env(),
                          capture_output=True, text=True, check=True)
     return float(out.stdout.split()[-1])
 
 
-def read_success(run_dir):
-    """(env steps, success rate) per iteration that finished episodes, from the TensorBoard event file."""
+def read_charts(run_dir, start):
+    """Per iteration that finished episodes, from the TensorBoard event file: env steps, success rate,
+    episodic return, and seconds since `start` (the run's launch, model loading included)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     [log_dir] = [p.parent for p in (run_dir / "runs").glob("*/events.out.tfevents.*")]
     events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})  # 0: keep every point
     events.Reload()
-    points = events.Scalars("charts/success_rate")
-    return [p.step for p in points], [p.value for p in points]
+    success, returns = events.Scalars("charts/success_rate"), events.Scalars("charts/episodic_return")
+    return dict(steps=[p.step for p in success], success=[p.value for p in success],
+                returns=[p.value for p in returns], seconds=[round(p.wall_time - start, 1) for p in success])
 
 
 def run_one(out, env_id, variant, seed, total_timesteps):
@@ -95,9 +95,8 @@ def run_one(out, env_id, variant, seed, total_timesteps):
         print(f"FAILED (exit {code}): {env_id} {variant} seed {seed}, see {run_dir / 'train.log'}", flush=True)
         return None
     wall = time.time() - start
-    steps, success = read_success(run_dir)
-    result = dict(env_id=env_id, variant=variant, seed=seed, command=cmd, wall_s=round(wall, 1), steps=steps,
-                  success=success, caption_after=run_probe(run_dir / "model"))
+    result = dict(env_id=env_id, variant=variant, seed=seed, command=cmd, wall_s=round(wall, 1),
+                  **read_charts(run_dir, start), caption_after=run_probe(run_dir / "model", env_id))
     result_file.write_text(json.dumps(result, indent=1))
     print(f"done: {env_id} {variant} seed {seed} in {wall:.0f} s", flush=True)
     return result
@@ -116,6 +115,7 @@ def mean_std(values):
 
 
 def table(results, envs, variants, targets, caption_before):
+    """caption_before: {env id: the base model's caption accuracy}."""
     """One markdown row per (env, variant), aggregated over the seeds that finished."""
     rows = ["| env | variant | seeds | final success | peak success | env steps to target | caption acc "
             "before -> after | training wall per run |", "|" + "---|" * 8]
@@ -133,11 +133,23 @@ def table(results, envs, variants, targets, caption_before):
                 where = f"{statistics.mean(hits):,.0f}" if hits else "never"
                 reach_cell = f">= {target}: {where} ({len(hits)}/{len(runs)} reached)"
             after = [r["caption_after"] for r in runs]
-            caption = f"{caption_before:.3f} -> {statistics.mean(after):.3f}" if after else "-"
+            caption = f"{caption_before[env_id]:.3f} -> {statistics.mean(after):.3f}" if after else "-"
             wall = f"{statistics.mean(r['wall_s'] for r in runs):.0f} s" if runs else "-"
             rows.append(f"| {env_id.split('/')[-1]} | {variant} | {len(runs)} | {mean_std(final)} | {mean_std(peak)} "
                         f"| {reach_cell} | {caption} | {wall} |")
     return "\n".join(rows)
+
+
+def base_captions(out, env_ids):
+    """{env id: the base tiny model's caption accuracy}, each measured once and kept in OUT/caption_base.json."""
+    base_file = out / "caption_base.json"
+    known = json.loads(base_file.read_text()) if base_file.exists() else {}
+    known.pop("caption_before", None)  # an older version kept one NumberLine figure under this key
+    for env_id in env_ids:
+        if env_id not in known:
+            known[env_id] = run_probe("tiny", env_id)
+            base_file.write_text(json.dumps(known, indent=1))
+    return known
 
 
 def hardware():
@@ -161,20 +173,17 @@ def main():
     parser.add_argument("--target", action="append", default=[], metavar="ENV=SUCCESS",
                         help=f"success rate for 'env steps to target' (repeatable; default: {DEFAULT_TARGETS})")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "ablations", help="(default: runs/ablations)")
-    parser.add_argument("--probe", help=argparse.SUPPRESS)  # internal: print one model's caption accuracy
+    parser.add_argument("--probe", nargs=2, help=argparse.SUPPRESS)  # internal: MODEL ENV -> caption accuracy
     args = parser.parse_args()
     if args.probe:
-        print(probe(args.probe))
+        print(probe(*args.probe))
         return
     targets = {**DEFAULT_TARGETS, **{k: float(v) for k, v in (t.split("=", 1) for t in args.target)}}
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
 
     start = time.time()
-    base_file = out / "caption_base.json"  # the base tiny model's caption accuracy, measured once
-    if not base_file.exists():
-        base_file.write_text(json.dumps(dict(caption_before=run_probe("tiny"))))
-    caption_before = json.loads(base_file.read_text())["caption_before"]
+    caption_before = base_captions(out, args.envs)
     todo = [(env_id, variant, seed) for env_id in args.envs for variant in args.variants for seed in args.seeds]
     print(f"{len(todo)} runs of {args.total_timesteps} env steps, {args.jobs} at a time, in {out}", flush=True)
     with ThreadPoolExecutor(args.jobs) as pool:
@@ -189,8 +198,7 @@ def main():
         "final: mean success rate of the last 4 iterations; peak: maximum of the 3-iteration moving average; "
         "both mean +- std over seeds. Env steps to target: the first iteration whose 3-iteration moving average "
         "(with the two before it) reaches the target, mean over the seeds that reached it. Caption accuracy: "
-        f"{CAPTION_ENV} frames (the tiny model captions only NumberLine), base model -> mean over trained models. "
-        "EZPoints has no target by default: the tiny model does not read the cards (caption accuracy 0).",
+        "held-out frames of the run's env, base model -> mean over trained models.",
         "",
         f"{len(results)}/{len(todo)} runs finished. Wall time {wall:.0f} s for this invocation (runs done earlier "
         f"were reused), {sum(r['wall_s'] for r in results):.0f} s summed over runs; {args.jobs} runs at a time, "
