@@ -58,6 +58,9 @@ class Args:
     """caption accuracy on held-out frames (tiny_vlm.caption_accuracy; None: on for tiny-based models)"""
     caption_frames: int = 200
     """frames per caption probe"""
+    save_trajectories: Optional[str] = None
+    """a directory: every step as one JSON line (prompt, answer, parsed action, reward, ...) plus the frames as PNG,
+    per model in a sub-directory (evaluate.Trajectories documents the format)"""
     output: Optional[str] = None
     """JSON file with one record per (model, env) (default: runs/eval_{time}.json)"""
 
@@ -95,10 +98,11 @@ def save_gif(path, images):
 
 @torch.no_grad()
 def evaluate(model, processor, env_id, num_episodes=50, num_envs=10, temperature=0.0, max_new_tokens=256, seed=1,
-             video_dir=None, video_episodes=0, env_kwargs=None, writer=None):
+             video_dir=None, video_episodes=0, env_kwargs=None, writer=None, trajectory_dir=None):
     """Play exactly num_episodes episodes of env_id (episode k reset with seed + k), num_envs at a time.
     Returns the metrics (see the module docstring); the model is left in eval mode. With a TensorBoard
-    writer, each episode's return is logged as eval/episodic_return at step k (CleanRL's pattern)."""
+    writer, each episode's return is logged as eval/episodic_return at step k (CleanRL's pattern). With a
+    trajectory_dir, every step is written there (Trajectories)."""
     model.eval()
     num_envs = min(num_envs, num_episodes)
     env_list = [envs.make_env(env_id, **(env_kwargs or {})) for _ in range(num_envs)]
@@ -119,6 +123,7 @@ def evaluate(model, processor, env_id, num_episodes=50, num_envs=10, temperature
         slots[i] = dict(index=next_episode, frames=frames, ret=0.0, length=0, video=[] if record else None)
         next_episode += 1
 
+    trajectories = Trajectories(trajectory_dir, env_id) if trajectory_dir is not None else None
     for i in range(num_envs):
         start(i)
     while any(slots):
@@ -132,7 +137,11 @@ def evaluate(model, processor, env_id, num_episodes=50, num_envs=10, temperature
         for i, answer in zip(active, answers):
             slot = slots[i]
             seen = slot["frames"][-1]  # (H, W, 3) the newest frame the model answered
+            prompt = env_list[i].prompt()
             slot["frames"], reward, terminated, truncated, info = env_list[i].step(answer)
+            if trajectories is not None:
+                trajectories.write(slot["index"], slot["length"], seen, env_list[i].num_frames, prompt, answer,
+                                   env_list[i].actions, info, reward, terminated, truncated)
             slot["ret"] += reward
             slot["length"] += 1
             steps += 1
@@ -151,6 +160,8 @@ def evaluate(model, processor, env_id, num_episodes=50, num_envs=10, temperature
                 start(i)
     for env in env_list:
         env.close()
+    if trajectories is not None:
+        trajectories.close()
 
     episodes.sort(key=lambda e: e["episode"])
     for episode in episodes if writer is not None else []:
@@ -163,6 +174,35 @@ def evaluate(model, processor, env_id, num_episodes=50, num_envs=10, temperature
                 length_mean=float(np.mean([e["episodic_length"] for e in episodes])),
                 parse_failure_rate=parse_failures / steps, response_tokens_mean=response_tokens / steps,
                 episodes=episodes, videos=sorted(videos))
+
+
+class Trajectories:
+    """What the agent saw and said, one JSON line per step in DIR/{env}.jsonl (env_id, episode, step, prompt,
+    answer, action, action_name, parse_failed, reward, terminated, truncated, frames) and the frame it answered
+    as DIR/frames/{env}__episode{k}__step{t}.png. `frames` lists the prompt's images, oldest first, as paths
+    relative to DIR (the first frame of an episode repeated until K frames exist, as envs.TextEnv stacks them)."""
+
+    def __init__(self, directory, env_id):
+        self.dir, self.env_id, self.tag = Path(directory), env_id, env_id.replace("/", "_")
+        (self.dir / "frames").mkdir(parents=True, exist_ok=True)
+        self.file = open(self.dir / f"{self.tag}.jsonl", "w")
+        self.seen = {}  # episode -> frame paths so far
+
+    def write(self, episode, step, frame, num_frames, prompt, answer, actions, info, reward, terminated, truncated):
+        path = f"frames/{self.tag}__episode{episode}__step{step}.png"
+        Image.fromarray(frame).save(self.dir / path)
+        seen = self.seen.setdefault(episode, [])
+        seen.append(path)
+        frames = ([seen[0]] * num_frames + seen)[-num_frames:]
+        self.file.write(json.dumps(dict(env_id=self.env_id, episode=episode, step=step, prompt=prompt, answer=answer,
+                                        action=info["action"], action_name=actions[info["action"]],
+                                        parse_failed=bool(info["parse_failed"]), reward=float(reward),
+                                        terminated=bool(terminated), truncated=bool(truncated), frames=frames)) + "\n")
+        if terminated or truncated:
+            del self.seen[episode]
+
+    def close(self):
+        self.file.close()
 
 
 def after_training(model, processor, args, run_dir, writer):
@@ -239,7 +279,8 @@ if __name__ == "__main__":
             record = evaluate(model, processor, env_id, args.num_episodes, args.num_envs, args.temperature,
                               max_new_tokens, args.seed, env_kwargs=checkpoint_env_kwargs(model_id),
                               video_dir=output.with_suffix("") / tag if args.capture_video else None,
-                              video_episodes=args.video_episodes)
+                              video_episodes=args.video_episodes,
+                              trajectory_dir=Path(args.save_trajectories) / tag if args.save_trajectories else None)
             caption = None
             if probe:
                 caption = tiny_vlm.caption_accuracy(rollout.base_model(model), processor, env_id, args.caption_frames)

@@ -1810,6 +1810,31 @@ def test_trained_checkpoint_loads_and_evaluates(tmp_path, tiny_pretrained):
     assert result.stderr.count("\n") == 1 and "saved no model" in result.stderr, result.stderr
 
 
+
+@pytest.mark.parametrize("env_id, episodes", [("gym_cards/NumberLine-v0", 3), ("MiniWorld-OneRoom-v0", 1)])
+def test_saved_trajectories_replay_exactly(tiny_dir, tmp_path, env_id, episodes):
+    """evaluate(trajectory_dir=...) writes one JSON line per step and the frames; replaying the recorded actions
+    in a fresh env with the episode's seed gives back every frame (pixel for pixel), reward and ending, and each
+    line's `frames` are the prompt's K images."""
+    model, processor = vlm.load_policy(str(tiny_dir), "cpu")
+    result = evaluate.evaluate(model, processor, env_id, num_episodes=episodes, num_envs=2, max_new_tokens=4,
+                               seed=5, trajectory_dir=tmp_path)
+    lines = [json.loads(line) for line in (tmp_path / f"{env_id.replace('/', '_')}.jsonl").read_text().splitlines()]
+    assert len(lines) == sum(e["episodic_length"] for e in result["episodes"])
+    env = envs.make_env(env_id)
+    for episode in range(episodes):
+        steps = sorted((x for x in lines if x["episode"] == episode), key=lambda x: x["step"])
+        frames, _ = env.reset(seed=5 + episode)
+        for t, x in enumerate(steps):
+            assert x["step"] == t and x["env_id"] == env_id and x["prompt"] == env.prompt()
+            assert x["action_name"] == env.actions[x["action"]] and isinstance(x["answer"], str)
+            assert len(x["frames"]) == env.num_frames
+            for path, frame in zip(x["frames"], frames):
+                assert np.array_equal(np.array(Image.open(tmp_path / path)), frame), (t, path)
+            frames, reward, terminated, truncated, info = env.step(x["action"])
+            assert (x["reward"], x["terminated"], x["truncated"]) == (reward, terminated, truncated)
+        assert terminated or truncated
+
 @pytest.mark.parametrize("flags", [["--env-ids", "gym_cards/NoSuchGame-v0"],
                                    ["--model-ids", "/no/such/model", "--env-ids", ENV_ID],
                                    ["--num-episodes", "0"]])
