@@ -20,7 +20,10 @@ Two choices make a 1.5M-parameter model learn to read digits in a minute instead
 * an auxiliary probe loss: a linear head on the MEAN of each image's vision features predicts the
   caption tokens. It teaches the vision tower to see before the language model has learned where to
   look (uniform attention over the image tokens is then already informative). The head is dropped
-  after pre-training; the saved model is a plain Qwen2-VL.
+  after pre-training; the saved model is a plain Qwen2-VL. The families after NumberLine read every
+  feature in place instead ("flat"): a mean keeps what is in the image, not where.
+
+One model per family of envs (FAMILIES): one model for several games read none of them in the budget.
 """
 import collections
 import hashlib
@@ -410,8 +413,9 @@ def tiny_model_path(cfg: TinyConfig = TinyConfig(), progress=True) -> str:
     path = cache_path(cfg)
     if not (path / "tiny_vlm.json").exists():
         tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        print(f"Building the tiny VLM for {', '.join(cfg.env_ids)} (once, about 3-4 minutes on 2 CPU cores) "
-              f"into {path}", flush=True)
+        envs_read = [e for e, w in zip(cfg.env_ids, cfg.env_weights) if w > 0]
+        print(f"Building the tiny VLM for {', '.join(envs_read)} ({cfg.pretrain_steps} pre-training steps, once: "
+              f"4-12 minutes on 2 CPU cores, see docs/tiny_model.md) into {path}", flush=True)
         build(tmp, cfg, progress=progress)
         try:
             os.replace(tmp, path)  # atomic: a concurrent builder or a crash never leaves half a model
