@@ -12,15 +12,16 @@ Before RL, per env, from the base tiny model (child processes, one thread each; 
 - a uniformly random policy's success rate and mean return over 200 episodes (the signal RL starts from).
 Blackjack also gets the exact expected return of basic strategy (the best hit/stand decision for every hand,
 an infinite deck, these rules) and of the random policy, by recursion over the cards (blackjack_return).
-Per run, from `charts/success_rate` and `charts/episodic_return` per iteration: the first iteration's success,
-the peak of the 3-iteration moving average, the final success (mean of the last 4 iterations), env steps and
-minutes (since launch, model loading included) at which the moving average first reaches the env's target,
-and the mean return over the last quarter of the run.
+Per run: the success rate over the episodes that ended in the first and in the last quarter of the env steps (from
+the run's stdout); from `charts/success_rate` and `charts/episodic_return` per iteration: the peak of the
+3-iteration moving average, the env steps and minutes (since launch, model loading included) at which that
+average first reaches the env's target, and the mean return over the last quarter of the run.
 """
 import argparse
 import functools
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -126,6 +127,17 @@ def base_reports(out, env_ids):
 
 
 # ---------------------------------------------------------------- the table
+def episode_success(run_dir):
+    """(episodes, successes) in the first and in the last quarter of the run's env steps, from vldac.py's stdout:
+    MiniWorld's 128-step episodes end a few per iteration, so an average over iterations would weigh one episode
+    as much as sixteen."""
+    line = re.compile(r"steps (\d+) SPS [\d.]+ \| success ([\d.]+) return \S+ \((\d+) episodes\)")
+    rows = [(int(m[1]), float(m[2]), int(m[3])) for m in line.finditer((run_dir / "train.log").read_text())]
+    last = rows[-1][0] if rows else 0
+    quarter = lambda keep: (sum(n for s, x, n in rows if keep(s)), sum(x * n for s, x, n in rows if keep(s)))  # noqa
+    return quarter(lambda s: s <= last / 4), quarter(lambda s: s > last * 3 / 4)
+
+
 def summarise(run, target):
     """One run's figures (see the module docstring); None where the target was never reached."""
     average = moving_average(run["success"]) or run["success"]
@@ -137,7 +149,7 @@ def summarise(run, target):
                 last_return=statistics.mean(quarter), minutes=run["wall_s"] / 60, steps=run["steps"][-1])
 
 
-def report(results, env_ids, base):
+def report(results, env_ids, base, out):
     lines = ["## Before RL: the base tiny model", "",
              "| env | caption accuracy | parse failures (temperature 1) | random policy: success | random policy: "
              "mean return |", "|---|---|---|---|---|"]
@@ -146,17 +158,19 @@ def report(results, env_ids, base):
         lines.append(f"| {env_id} | {b['caption_accuracy']:.3f} | {b['parse_failure_rate']:.3f} | "
                      f"{b['random_success']:.3f} | {b['random_return']:.3f} |")
     lines += ["", "## RL: VL-DAC with the tiny defaults", "",
-              "| env | seed | first iteration | peak (3-iteration mean) | final (last 4) | target: env steps, minutes "
-              "| mean return, last quarter | caption after RL | env steps, minutes in all |", "|" + "---|" * 9]
+              "| env | seed | success: first quarter -> last quarter of the env steps (episodes) | peak (3-iteration "
+              "mean) | target: env steps, minutes | mean return, last quarter | caption after RL | env steps, "
+              "minutes in all |", "|" + "---|" * 8]
     for env_id in env_ids:
         target = TARGETS.get(env_id)
         for run in sorted((r for r in results if r["env_id"] == env_id), key=lambda r: r["seed"]):
             s = summarise(run, target)
+            (n1, w1), (n4, w4) = episode_success(out / env_id.split("/")[-1] / "vldac" / f"seed{run['seed']}")
             reach = "-" if target is None else (f">= {target}: never" if s["steps_to"] is None else
                                                 f">= {target}: {s['steps_to']:,}, {s['minutes_to']:.1f} min")
-            lines.append(f"| {env_id} | {run['seed']} | {s['first']:.2f} | {s['peak']:.2f} | {s['final']:.2f} | "
-                         f"{reach} | {s['last_return']:.3f} | {run['caption_after']:.3f} | {s['steps']:,}, "
-                         f"{s['minutes']:.1f} min |")
+            lines.append(f"| {env_id} | {run['seed']} | {w1 / max(n1, 1):.3f} ({n1}) -> {w4 / max(n4, 1):.3f} ({n4}) | "
+                         f"{s['peak']:.2f} | {reach} | {s['last_return']:.3f} | {run['caption_after']:.3f} | "
+                         f"{s['steps']:,}, {s['minutes']:.1f} min |")
     if "gym_cards/Blackjack-v0" in env_ids:
         lines += ["", f"Blackjack, expected return per hand under these rules (exact, `blackjack_return`): basic "
                       f"strategy {blackjack_return():.4f}, uniformly random hit/stand {blackjack_return(0.5):.4f}."]
@@ -190,9 +204,10 @@ def main():
         results = [r for r in pool.map(lambda job: run_one(out, job[0], "vldac", job[1], args.total_timesteps
                                                            or BUDGETS[job[0]]), todo) if r]
     text = "\n".join([
-        "# RL on every env with the tiny model", "", report(results, args.envs, base), "",
-        f"{len(results)}/{len(todo)} runs finished; this invocation took {(time.time() - start) / 60:.0f} min "
-        f"({args.jobs} runs at a time, OMP_NUM_THREADS=1 each). Hardware: {hardware()}.",
+        "# RL on every env with the tiny model", "", report(results, args.envs, base, out), "",
+        f"{len(results)}/{len(todo)} runs finished; this invocation took {(time.time() - start) / 60:.0f} min, the "
+        f"runs {sum(r['wall_s'] for r in results) / 60:.0f} min summed (runs done earlier are reused; {args.jobs} at a "
+        f"time, OMP_NUM_THREADS=1 each). Hardware: {hardware()}.",
         f"Command: python benchmarks/learning.py {' '.join(sys.argv[1:])}"])
     args.report.parent.mkdir(parents=True, exist_ok=True)
     args.report.write_text(text + "\n")
