@@ -272,9 +272,10 @@ if __name__ == "__main__":
         probe = tiny if args.caption_probe is None else args.caption_probe
         loaded = None
         for env_id in args.env_ids:
-            if loaded != resolve(model_id, env_id):  # `tiny` is one model per family of envs
-                loaded = resolve(model_id, env_id)
+            path = resolve(model_id, env_id)  # `tiny` is one model per family of envs
+            if path != loaded:
                 model, processor = load_policy(model_id, device, env_id=env_id)
+                loaded = path
             tag = model_id.strip("/").replace("/", "_")
             record = evaluate(model, processor, env_id, args.num_episodes, args.num_envs, args.temperature,
                               max_new_tokens, args.seed, env_kwargs=checkpoint_env_kwargs(model_id),
