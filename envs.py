@@ -580,9 +580,15 @@ def miniworld_view_text(world):
 
     if not any(seen(p) for p in (centre, centre + side, centre - side)):
         return "no red box in view"
-    angle = math.degrees(math.atan2(offset @ right, offset @ forward))  # > 0: right of centre
+    angle = box_bearing(world)
     where = "straight ahead" if abs(angle) <= 15 else ("ahead right" if angle > 0 else "ahead left")
     return f"red box {where}, {'near' if dist < 2.5 else 'mid' if dist < 5 else 'far'}"
+
+
+def box_bearing(world):
+    """Degrees from the agent's heading to the red box's centre in the floor plane; > 0: right of centre."""
+    offset = world.box.pos[[0, 2]] - world.agent.pos[[0, 2]]
+    return math.degrees(math.atan2(offset @ world.agent.right_vec[[0, 2]], offset @ world.agent.dir_vec[[0, 2]]))
 
 
 _GL_HELP = (

@@ -128,16 +128,15 @@ def evaluate(model, processor, env_id, num_episodes=50, num_envs=10, temperature
         start(i)
     while any(slots):
         active = [i for i in range(num_envs) if slots[i] is not None]
-        inputs = rollout.prompt_inputs(processor, [slots[i]["frames"] for i in active],
-                                       [env_list[i].prompt() for i in active], device)
+        prompts = [env_list[i].prompt() for i in active]
+        inputs = rollout.prompt_inputs(processor, [slots[i]["frames"] for i in active], prompts, device)
         response_ids = rollout.generate(model, inputs, pad_token_id, max_new_tokens, temperature)  # (B, R)
         token_mask = rollout.response_mask(response_ids, eos_ids)  # (B, R)
         answers = processor.batch_decode(response_ids.masked_fill(~token_mask, pad_token_id), skip_special_tokens=True)
         response_tokens += int(token_mask.sum())
-        for i, answer in zip(active, answers):
+        for i, answer, prompt in zip(active, answers, prompts):
             slot = slots[i]
             seen = slot["frames"][-1]  # (H, W, 3) the newest frame the model answered
-            prompt = env_list[i].prompt()
             slot["frames"], reward, terminated, truncated, info = env_list[i].step(answer)
             if trajectories is not None:
                 trajectories.write(slot["index"], slot["length"], seen, env_list[i].num_frames, prompt, answer,

@@ -362,10 +362,7 @@ def test_blackjack_exact_returns_match_our_env():
 
     def best(hand, up):  # the recursion's decision for this hand
         hard, ace = sum(c[0] for c in hand), any(c[0] == 1 for c in hand)
-        stand = learning._stand(learning._total(hard, ace), up)
-        hit = sum(p * (-1.0 if hard + v > 21 else learning._player(hard + v, ace or v == 1, up, None))
-                  for v, p in learning.CARDS)
-        return int(hit > stand)
+        return int(learning._hit(hard, ace, up, None) > learning._stand(learning._total(hard, ace), up))
 
     for p_hit, expected in [(None, learning.blackjack_return()), (0.5, learning.blackjack_return(0.5))]:
         total = 0.0

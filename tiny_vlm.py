@@ -28,7 +28,6 @@ One model per family of envs (FAMILIES): one model for several games read none o
 import collections
 import hashlib
 import json
-import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -228,8 +227,7 @@ def caption(env, formula=True):
 def seek_box(world):
     """MiniWorld action index that heads for the red box (walls ignored): for drawing states near it, never
     as an answer (the answers' actions stay uniformly random)."""
-    offset = world.box.pos[[0, 2]] - world.agent.pos[[0, 2]]
-    angle = math.degrees(math.atan2(offset @ world.agent.right_vec[[0, 2]], offset @ world.agent.dir_vec[[0, 2]]))
+    angle = envs.box_bearing(world)
     return 2 if abs(angle) <= 10 else (1 if angle > 0 else 0)  # move forward, turn right, turn left
 
 
@@ -287,7 +285,7 @@ def pretrain(model, processor, sampler, cfg: TinyConfig, steps=None, progress=Tr
     rng = np.random.default_rng(cfg.seed)
     torch.manual_seed(cfg.seed)
     vocab, probe_len = len(processor.tokenizer), 24
-    if cfg.aux_pool in ("mean", "token"):
+    if cfg.aux_pool == "mean":
         probe = torch.nn.Linear(cfg.hidden_size, probe_len * vocab)  # mean image feature -> caption tokens
     else:  # every image token's feature, through a 256-wide linear bottleneck (a full matrix would be 60M weights)
         frame = sampler.sample()[0][-1]
@@ -312,16 +310,14 @@ def pretrain(model, processor, sampler, cfg: TinyConfig, steps=None, progress=Tr
             loss = loss + model(**formats).loss
         if cfg.aux_coef > 0:
             tokens_per_image = (batch["image_grid_thw"].prod(-1) // 4).tolist()
-            pool = {"mean": lambda f: f.mean(0), "flat": lambda f: f.flatten(), "token": lambda f: f}[cfg.aux_pool]
-            image_feats = torch.stack([pool(f) for f in caption_feats.split(tokens_per_image)])  # (B, D) or (B, T, D)
+            pool = (lambda f: f.mean(0)) if cfg.aux_pool == "mean" else (lambda f: f.flatten())
+            image_feats = torch.stack([pool(f) for f in caption_feats.split(tokens_per_image)])  # (B, D)
             targets = torch.full((len(tokens_per_image), probe_len), -100)  # first probe_len caption tokens
             for i, labels in enumerate(batch["labels"]):
                 caption = labels[labels != -100][:probe_len]
                 targets[i, : len(caption)] = caption
-            if cfg.aux_pool == "token":  # every image token predicts the whole caption
-                targets = targets[:, None].expand(-1, image_feats.shape[1], -1)
-            logits = probe(image_feats).view(*targets.shape, vocab)
-            loss = loss + cfg.aux_coef * F.cross_entropy(logits.flatten(0, -2), targets.flatten(), ignore_index=-100)
+            logits = probe(image_feats).view(-1, probe_len, vocab)
+            loss = loss + cfg.aux_coef * F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -115,8 +115,8 @@ def mean_std(values):
 
 
 def table(results, envs, variants, targets, caption_before):
-    """caption_before: {env id: the base model's caption accuracy}."""
-    """One markdown row per (env, variant), aggregated over the seeds that finished."""
+    """One markdown row per (env, variant), aggregated over the seeds that finished; caption_before: {env id: the
+    base model's caption accuracy}."""
     rows = ["| env | variant | seeds | final success | peak success | env steps to target | caption acc "
             "before -> after | training wall per run |", "|" + "---|" * 8]
     for env_id in envs:

@@ -75,11 +75,15 @@ def _stand(player, up):
     return result
 
 
+def _hit(hard, ace, up, p_hit):
+    """Expected return of hitting once, then playing on with the same p_hit."""
+    return sum(p * (-1.0 if hard + v > 21 else _player(hard + v, ace or v == 1, up, p_hit)) for v, p in CARDS)
+
+
 @functools.lru_cache(maxsize=None)
 def _player(hard, ace, up, p_hit):
     """Expected return from the player's hand; p_hit None: the better of hit and stand, else hit w.p. p_hit."""
-    stand = _stand(_total(hard, ace), up)
-    hit = sum(p * (-1.0 if hard + v > 21 else _player(hard + v, ace or v == 1, up, p_hit)) for v, p in CARDS)
+    stand, hit = _stand(_total(hard, ace), up), _hit(hard, ace, up, p_hit)
     return max(stand, hit) if p_hit is None else p_hit * hit + (1 - p_hit) * stand
 
 
