@@ -94,6 +94,15 @@ class TinyConfig:
     # tokenizer was trained that way; the other recipes caption the cards alone, the prompt states the formula)
     aux_pool: str = "mean"  # the probe reads the mean of an image's features, or "flat": all of them, in place
     # (which card is first, is the box left or right: the mean of the features keeps what, not where)
+    # M-RoPE gives each head's rotary pairs to (time, height, width) in that order, i.e. width gets the slowest
+    # frequencies. Qwen2-VL's split ([16, 24, 24] / 64, here [4, 6, 6]) at theta 1e4 turns a 5-column MiniWorld
+    # frame's columns by < 0.013 rad: left and right are the same to attention. theta 100 with (2, 2, 12) pairs:
+    # 0.32 rad per column on the fastest width pair (docs/tiny_model.md)
+    rope_theta: float = 10000.0
+    mrope_section: tuple = ()  # () = Qwen2-VL's proportions
+    # weight of a second probe: a linear head on the language model's last-layer state at the LAST PROMPT TOKEN
+    # of the task prompts (what VL-DAC's value head reads) predicts the caption, so that state carries the scene
+    state_probe_coef: float = 0.0
 
 
 # One tiny model per family of envs, each pre-trained on its own frames: one model for several games read none
@@ -106,9 +115,10 @@ FAMILIES = {
     # teaches the answer format only, so it is short
     "points24": TinyConfig(env_ids=("gym_cards/Points24-v0",), env_weights=(1.0,), pretrain_steps=300, **_READER),
     "blackjack": TinyConfig(env_ids=("gym_cards/Blackjack-v0",), env_weights=(1.0,), pretrain_steps=700, **_READER),
-    # 4-frame task prompts are long: 2 per step instead of 4
+    # 4-frame task prompts are long: 2 per step instead of 4; where the box is needs fast width rotations
     "miniworld": TinyConfig(env_ids=tuple(envs.MINIWORLD_IDS), env_weights=(1.0,) * 4, state_pool=1500,
-                            format_batch_size=2, pretrain_steps=1000, **_READER),
+                            format_batch_size=2, pretrain_steps=1000, rope_theta=100.0, mrope_section=(2, 2, 12),
+                            **_READER),
 }
 
 
@@ -157,10 +167,10 @@ def build_model(cfg: TinyConfig, tokenizer) -> Qwen2VLForConditionalGeneration:
             vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, intermediate_size=2 * cfg.hidden_size,
             num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
             num_key_value_heads=cfg.num_kv_heads, max_position_embeddings=4096,
-            # M-RoPE splits each head's rotary pairs (head_dim / 2) over (time, height, width),
-            # in Qwen2-VL's proportions [16, 24, 24] / 64
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                             "mrope_section": [head_dim // 8, head_dim * 3 // 16, head_dim * 3 // 16]},
+            # M-RoPE splits each head's rotary pairs (head_dim / 2) over (time, height, width), in order of
+            # falling frequency (see TinyConfig.mrope_section)
+            rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta, "mrope_section": list(
+                cfg.mrope_section or [head_dim // 8, head_dim * 3 // 16, head_dim * 3 // 16])},
             bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"]),
         vision_config=dict(depth=cfg.vision_depth, embed_dim=cfg.vision_dim, hidden_size=cfg.hidden_size,
                            num_heads=cfg.num_heads, mlp_ratio=2, patch_size=14, spatial_merge_size=2,
@@ -292,9 +302,13 @@ def pretrain(model, processor, sampler, cfg: TinyConfig, steps=None, progress=Tr
         tokens = int(processor.image_processor(images=[frame])["image_grid_thw"].prod() // 4)
         probe = torch.nn.Sequential(torch.nn.Linear(tokens * cfg.hidden_size, 256),
                                     torch.nn.Linear(256, probe_len * vocab))
+    # last prompt token's state -> caption (made only when used: the other recipes' random draws stay as they were)
+    state_probe = torch.nn.Linear(cfg.hidden_size, probe_len * vocab) if cfg.state_probe_coef > 0 else torch.nn.Sequential()
     captured = {}
-    hook = model.model.visual.register_forward_hook(lambda m, i, o: captured.__setitem__("feats", o.pooler_output))
-    params = list(model.parameters()) + list(probe.parameters())
+    hooks = [model.model.visual.register_forward_hook(lambda m, i, o: captured.__setitem__("feats", o.pooler_output)),
+             model.model.language_model.register_forward_hook(  # the final-norm output, as the value head sees it
+                 lambda m, i, o: captured.__setitem__("hidden", o.last_hidden_state))]
+    params = list(model.parameters()) + list(probe.parameters()) + list(state_probe.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
     warmup, horizon = max(1, steps // 20), max(1, steps)
     schedule = torch.optim.lr_scheduler.LambdaLR(  # linear warm-up, then cosine to 5% of the peak
@@ -306,8 +320,16 @@ def pretrain(model, processor, sampler, cfg: TinyConfig, steps=None, progress=Tr
         loss = model(**batch).loss
         caption_feats = captured["feats"]  # (B * image tokens, hidden), from the vision tower in that forward
         if cfg.format_batch_size:
-            formats = collate(processor, [format_example(sampler.sample(), rng) for _ in range(cfg.format_batch_size)])
+            states = [sampler.sample() for _ in range(cfg.format_batch_size)]
+            formats = collate(processor, [format_example(state, rng) for state in states])
             loss = loss + model(**formats).loss
+            if cfg.state_probe_coef > 0:
+                last_prompt = (formats["labels"] != -100).int().argmax(1) - 1  # (B,): right padding, answer after
+                hidden = captured["hidden"][torch.arange(len(states)), last_prompt]  # (B, hidden)
+                logits = state_probe(hidden).view(-1, probe_len, vocab)
+                loss = loss + cfg.state_probe_coef * F.cross_entropy(
+                    logits.flatten(0, 1), caption_targets(processor, [s[2] for s in states], probe_len).flatten(),
+                    ignore_index=-100)
         if cfg.aux_coef > 0:
             tokens_per_image = (batch["image_grid_thw"].prod(-1) // 4).tolist()
             pool = (lambda f: f.mean(0)) if cfg.aux_pool == "mean" else (lambda f: f.flatten())
@@ -324,8 +346,18 @@ def pretrain(model, processor, sampler, cfg: TinyConfig, steps=None, progress=Tr
         optimizer.step()
         schedule.step()
         bar.set_postfix(loss=f"{loss.item():.3f}")
-    hook.remove()
+    for hook in hooks:
+        hook.remove()
     model.eval()
+
+
+def caption_targets(processor, captions, length):
+    """The first `length` token ids of each caption, -100 after its end, (B, length)."""
+    targets = torch.full((len(captions), length), -100)
+    for i, text in enumerate(captions):
+        ids = processor.tokenizer(text)["input_ids"][:length]
+        targets[i, : len(ids)] = torch.tensor(ids)
+    return targets
 
 
 @torch.no_grad()
@@ -354,6 +386,28 @@ def held_out_states(env_id, num_states, seed=12345):
     cfg = config_for(env_id)
     sampler = StateSampler([env_id], seed=seed, pool=cfg.state_pool, caption_formula=cfg.caption_formula)
     return [sampler.sample() for _ in range(num_states)]
+
+
+@torch.no_grad()
+def state_readout_accuracy(model, processor, env_id, num_states=400, seed=12347, batch_size=50):
+    """How much of the scene the value head's input holds: the language model's last-layer state at the last
+    prompt token of task prompts (what VL-DAC's value head reads), a ridge-regression read-out of the caption
+    fitted on the first 3/4 of num_states held-out states, its exact-caption accuracy on the last quarter."""
+    states = held_out_states(env_id, num_states, seed)
+    features = []
+    for i in range(0, num_states, batch_size):
+        chunk = states[i : i + batch_size]
+        batch = rollout.prompt_inputs(processor, [s[0] for s in chunk], [s[1] for s in chunk], model.device)
+        hidden = rollout.base_model(model).model(**batch, use_cache=False).last_hidden_state[:, -1]  # (b, H)
+        features.append(hidden.double().cpu())
+    x = torch.cat(features)
+    x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)  # (N, H + 1) with a bias column
+    names = sorted({s[2] for s in states})
+    y = F.one_hot(torch.tensor([names.index(s[2]) for s in states]), len(names)).double()  # (N, captions)
+    fit = num_states * 3 // 4
+    weights = torch.linalg.solve(x[:fit].T @ x[:fit] + 1e-3 * torch.eye(x.shape[1], dtype=x.dtype),
+                                 x[:fit].T @ y[:fit])  # (H + 1, captions)
+    return ((x[fit:] @ weights).argmax(1) == y[fit:].argmax(1)).double().mean().item()
 
 
 @torch.no_grad()
@@ -398,7 +452,8 @@ def cache_dir():
 
 def cache_path(cfg: TinyConfig) -> Path:
     """Where the model of cfg is cached: keyed by its config and the data version."""
-    later = {"state_pool": 0, "caption_formula": True, "aux_pool": "mean"}  # hashed only when changed (see TinyConfig)
+    later = {"state_pool": 0, "caption_formula": True, "aux_pool": "mean", "rope_theta": 10000.0, "mrope_section": (),
+             "state_probe_coef": 0.0}  # hashed only when changed (see TinyConfig)
     fields = {k: v for k, v in asdict(cfg).items() if k not in later or v != later[k]}
     key = hashlib.sha1(json.dumps([fields, DATA_VERSION], sort_keys=True).encode()).hexdigest()[:10]
     return cache_dir() / f"tiny-qwen2-vl-{key}"
