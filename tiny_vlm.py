@@ -100,9 +100,6 @@ class TinyConfig:
     # 0.32 rad per column on the fastest width pair (docs/tiny_model.md)
     rope_theta: float = 10000.0
     mrope_section: tuple = ()  # () = Qwen2-VL's proportions
-    # weight of a second probe: a linear head on the language model's last-layer state at the LAST PROMPT TOKEN
-    # of the task prompts (what VL-DAC's value head reads) predicts the caption, so that state carries the scene
-    state_probe_coef: float = 0.0
 
 
 # One tiny model per family of envs, each pre-trained on its own frames: one model for several games read none
@@ -302,13 +299,9 @@ def pretrain(model, processor, sampler, cfg: TinyConfig, steps=None, progress=Tr
         tokens = int(processor.image_processor(images=[frame])["image_grid_thw"].prod() // 4)
         probe = torch.nn.Sequential(torch.nn.Linear(tokens * cfg.hidden_size, 256),
                                     torch.nn.Linear(256, probe_len * vocab))
-    # last prompt token's state -> caption (made only when used: the other recipes' random draws stay as they were)
-    state_probe = torch.nn.Linear(cfg.hidden_size, probe_len * vocab) if cfg.state_probe_coef > 0 else torch.nn.Sequential()
     captured = {}
-    hooks = [model.model.visual.register_forward_hook(lambda m, i, o: captured.__setitem__("feats", o.pooler_output)),
-             model.model.language_model.register_forward_hook(  # the final-norm output, as the value head sees it
-                 lambda m, i, o: captured.__setitem__("hidden", o.last_hidden_state))]
-    params = list(model.parameters()) + list(probe.parameters()) + list(state_probe.parameters())
+    hook = model.model.visual.register_forward_hook(lambda m, i, o: captured.__setitem__("feats", o.pooler_output))
+    params = list(model.parameters()) + list(probe.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
     warmup, horizon = max(1, steps // 20), max(1, steps)
     schedule = torch.optim.lr_scheduler.LambdaLR(  # linear warm-up, then cosine to 5% of the peak
@@ -320,16 +313,8 @@ def pretrain(model, processor, sampler, cfg: TinyConfig, steps=None, progress=Tr
         loss = model(**batch).loss
         caption_feats = captured["feats"]  # (B * image tokens, hidden), from the vision tower in that forward
         if cfg.format_batch_size:
-            states = [sampler.sample() for _ in range(cfg.format_batch_size)]
-            formats = collate(processor, [format_example(state, rng) for state in states])
+            formats = collate(processor, [format_example(sampler.sample(), rng) for _ in range(cfg.format_batch_size)])
             loss = loss + model(**formats).loss
-            if cfg.state_probe_coef > 0:
-                last_prompt = (formats["labels"] != -100).int().argmax(1) - 1  # (B,): right padding, answer after
-                hidden = captured["hidden"][torch.arange(len(states)), last_prompt]  # (B, hidden)
-                logits = state_probe(hidden).view(-1, probe_len, vocab)
-                loss = loss + cfg.state_probe_coef * F.cross_entropy(
-                    logits.flatten(0, 1), caption_targets(processor, [s[2] for s in states], probe_len).flatten(),
-                    ignore_index=-100)
         if cfg.aux_coef > 0:
             tokens_per_image = (batch["image_grid_thw"].prod(-1) // 4).tolist()
             pool = (lambda f: f.mean(0)) if cfg.aux_pool == "mean" else (lambda f: f.flatten())
@@ -346,18 +331,8 @@ def pretrain(model, processor, sampler, cfg: TinyConfig, steps=None, progress=Tr
         optimizer.step()
         schedule.step()
         bar.set_postfix(loss=f"{loss.item():.3f}")
-    for hook in hooks:
-        hook.remove()
+    hook.remove()
     model.eval()
-
-
-def caption_targets(processor, captions, length):
-    """The first `length` token ids of each caption, -100 after its end, (B, length)."""
-    targets = torch.full((len(captions), length), -100)
-    for i, text in enumerate(captions):
-        ids = processor.tokenizer(text)["input_ids"][:length]
-        targets[i, : len(ids)] = torch.tensor(ids)
-    return targets
 
 
 @torch.no_grad()
@@ -452,8 +427,8 @@ def cache_dir():
 
 def cache_path(cfg: TinyConfig) -> Path:
     """Where the model of cfg is cached: keyed by its config and the data version."""
-    later = {"state_pool": 0, "caption_formula": True, "aux_pool": "mean", "rope_theta": 10000.0, "mrope_section": (),
-             "state_probe_coef": 0.0}  # hashed only when changed (see TinyConfig)
+    later = {"state_pool": 0, "caption_formula": True, "aux_pool": "mean",  # hashed only when changed (TinyConfig)
+             "rope_theta": 10000.0, "mrope_section": ()}
     fields = {k: v for k, v in asdict(cfg).items() if k not in later or v != later[k]}
     key = hashlib.sha1(json.dumps([fields, DATA_VERSION], sort_keys=True).encode()).hexdigest()[:10]
     return cache_dir() / f"tiny-qwen2-vl-{key}"

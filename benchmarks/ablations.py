@@ -52,6 +52,15 @@ def probe(model_id, env_id):
     return tiny_vlm.caption_accuracy(model, processor, env_id)
 
 
+def tiny_model_name(env_id):
+    """The cache name of the tiny model that `--model-id tiny` trains on env_id: a saved result is reused only
+    when it was trained from this very model (a rebuilt family has a new name)."""
+    sys.path.insert(0, str(ROOT))
+    import tiny_vlm
+
+    return tiny_vlm.cache_path(tiny_vlm.config_for(env_id)).name
+
+
 def child_env():
     """One thread per torch process: --jobs processes with several threads each oversubscribe the cores."""
     return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -83,9 +92,11 @@ def run_one(out, env_id, variant, seed, total_timesteps):
     cmd = [sys.executable, str(ROOT / "vldac.py"), "--env-id", env_id, "--seed", str(seed),
            "--exp-name", f"ablation-{variant}", "--total-timesteps", str(total_timesteps), "--save-model",
            "--save-dir", str(run_dir / "model"), "--eval-episodes", "0", *VARIANTS[variant]]
-    result_file = run_dir / "result.json"
-    if result_file.exists() and json.loads(result_file.read_text())["command"] == cmd:
-        return json.loads(result_file.read_text())
+    result_file, model = run_dir / "result.json", tiny_model_name(env_id)
+    if result_file.exists():
+        done = json.loads(result_file.read_text())
+        if done["command"] == cmd and done.get("model") == model:
+            return done
     shutil.rmtree(run_dir, ignore_errors=True)  # a half-finished earlier attempt: start it again
     run_dir.mkdir(parents=True)
     start = time.time()
@@ -95,7 +106,7 @@ def run_one(out, env_id, variant, seed, total_timesteps):
         print(f"FAILED (exit {code}): {env_id} {variant} seed {seed}, see {run_dir / 'train.log'}", flush=True)
         return None
     wall = time.time() - start
-    result = dict(env_id=env_id, variant=variant, seed=seed, command=cmd, wall_s=round(wall, 1),
+    result = dict(env_id=env_id, variant=variant, seed=seed, command=cmd, model=model, wall_s=round(wall, 1),
                   **read_charts(run_dir, start), caption_after=run_probe(run_dir / "model", env_id))
     result_file.write_text(json.dumps(result, indent=1))
     print(f"done: {env_id} {variant} seed {seed} in {wall:.0f} s", flush=True)

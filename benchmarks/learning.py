@@ -30,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ablations import ROOT, child_env, hardware, moving_average, run_one  # noqa: E402
+from ablations import ROOT, child_env, hardware, moving_average, run_one, tiny_model_name  # noqa: E402
 
 # env steps per run: about 30 minutes of one core at the tiny model's speed on each env (measured SPS x 1800 s)
 BUDGETS = {
@@ -104,7 +104,7 @@ def base_report(env_id, episodes=200):
     import vlm
 
     model, processor = vlm.load_policy("tiny", env_id=env_id)
-    report = dict(caption_accuracy=tiny_vlm.caption_accuracy(model, processor, env_id),
+    report = dict(model=tiny_model_name(env_id), caption_accuracy=tiny_vlm.caption_accuracy(model, processor, env_id),
                   parse_failure_rate=tiny_vlm.parse_failure_rate(model, processor, env_id))
     env, rng, wins, returns = envs.make_env(env_id), np.random.default_rng(0), 0, []
     for episode in range(episodes):
@@ -118,11 +118,11 @@ def base_report(env_id, episodes=200):
 
 
 def base_reports(out, env_ids):
-    """{env id: base_report}, each measured once (in a one-thread child) and kept in OUT/base.json."""
+    """{env id: base_report}, each measured once per tiny model (in a one-thread child), kept in OUT/base.json."""
     path = out / "base.json"
     known = json.loads(path.read_text()) if path.exists() else {}
     for env_id in env_ids:
-        if env_id not in known:
+        if known.get(env_id, {}).get("model") != tiny_model_name(env_id):
             done = subprocess.run([sys.executable, __file__, "--base", env_id], env=child_env(), capture_output=True,
                                   text=True, check=True)
             known[env_id] = json.loads(done.stdout.strip().splitlines()[-1])
