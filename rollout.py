@@ -127,6 +127,7 @@ class Rollout:
     episodes: list  # dict(episodic_return, episodic_length, success) per episode that ended in this rollout
     parse_failures: int
     response_tokens: float  # mean generated tokens per env step, end-of-turn included
+    episode_of_step: torch.Tensor = None  # collect_episodes only: (S,) the env (= episode) of each step
 
 
 class EnvRunner:
@@ -196,3 +197,53 @@ class EnvRunner:
         inputs = prompt_inputs(processor, self.frames, [env.prompt() for env in self.envs], device)
         rollout.last_values = agent.get_value(inputs).float().cpu()  # (N,)
         return rollout
+
+    @torch.no_grad()
+    def collect_episodes(self, agent, processor, group_size, temperature, max_new_tokens):
+        """One whole episode per env, for LOOP (a critic-free baseline): envs [g K, (g + 1) K) form group g and
+        start from the same seed (the same task); envs that finish wait for the rest. Returns a Rollout whose
+        (S,) tensors run over the S env steps taken, in order of time then env, and `episode_of_step` (S,): the
+        env (= episode) index of each step. Nothing runs across rollouts: every env starts a new episode."""
+        agent.eval()
+        device, num_envs = agent.device, len(self.envs)
+        eos_ids = torch.tensor(agent.eos_token_ids, device=device)
+        for i, env in enumerate(self.envs):  # group g's seed: seed + g + (rollouts so far) * groups, never repeated
+            self.episodes_started[i] += 1
+            group, groups = i // group_size, num_envs // group_size
+            self.frames[i] = env.reset(seed=self.seed + group + self.episodes_started[i] * groups)[0]
+        steps, logprobs, ref_logprobs, values, rewards, episode_of_step = [], [], [], [], [], []
+        episodes, parse_failures, tokens, returns, lengths = [None] * num_envs, 0, 0, [0.0] * num_envs, [0] * num_envs
+        active = list(range(num_envs))
+        while active:
+            inputs = prompt_inputs(processor, [self.frames[i] for i in active],
+                                   [self.envs[i].prompt() for i in active], device)
+            response_ids = generate(agent.policy, inputs, processor.tokenizer.pad_token_id, max_new_tokens,
+                                    temperature)  # (n, R)
+            token_mask = response_mask(response_ids, eos_ids)
+            step_logprobs, step_values = agent.get_logprobs_and_value(inputs, response_ids, token_mask)
+            step_ref = agent.get_reference_logprobs(inputs, response_ids, token_mask)
+            answers = processor.batch_decode(response_ids.masked_fill(~token_mask, processor.tokenizer.pad_token_id),
+                                             skip_special_tokens=True)
+            steps += split_steps(inputs, response_ids, token_mask)
+            for row, (i, answer) in enumerate(zip(active, answers)):
+                n = int(token_mask[row].sum())
+                logprobs.append(step_logprobs[row, :n].cpu())
+                ref_logprobs.append(step_ref[row, :n].cpu())
+                values.append(float(step_values[row]))
+                tokens += n
+                self.frames[i], reward, terminated, truncated, info = self.envs[i].step(answer)
+                rewards.append(reward)
+                episode_of_step.append(i)
+                parse_failures += int(info["parse_failed"])
+                returns[i] += reward
+                lengths[i] += 1
+                if terminated or truncated:
+                    episodes[i] = dict(episodic_return=returns[i], episodic_length=lengths[i],
+                                       success=float(info["success"]))
+            active = [i for i in active if episodes[i] is None]
+        size = len(steps)
+        return Rollout(steps=steps, logprobs=logprobs, ref_logprobs=ref_logprobs, values=torch.tensor(values),
+                       rewards=torch.tensor(rewards, dtype=torch.float), terminated=torch.zeros(size, dtype=torch.bool),
+                       truncated=torch.zeros(size, dtype=torch.bool), bootstrap_values=torch.zeros(size),
+                       last_values=None, episodes=episodes, parse_failures=parse_failures,
+                       response_tokens=tokens / max(size, 1), episode_of_step=torch.tensor(episode_of_step))

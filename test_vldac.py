@@ -1023,6 +1023,95 @@ def test_rl4vlm_update_first_epoch_ratio_one_then_moves_policy(tiny_dir):
     assert any(not torch.equal(before[n], after[n]) for n in before if "language_model" in n)
 
 
+def test_baseline_presets():
+    """--baseline rl4vlm is RL4VLM as published (one ratio per step, no KL, no warm-up, no stop-gradient); --baseline
+    loop has no critic and no KL; a LOOP group size that does not divide --num-envs is a one-line error."""
+    rl4vlm = make_args("tiny", baseline="rl4vlm")
+    assert (rl4vlm.policy_loss, rl4vlm.kl_beta, rl4vlm.value_warmup_iters, rl4vlm.value_stop_grad) == ("rl4vlm", 0, 0, False)
+    loop = make_args("tiny", baseline="loop", num_envs=4, loop_group_size=2)
+    assert (loop.policy_loss, loop.kl_beta, loop.vf_coef, loop.value_warmup_iters) == ("token", 0, 0, 0)
+    vldac_args = make_args("tiny")
+    assert (vldac_args.kl_beta, vldac_args.value_warmup_iters, vldac_args.value_stop_grad) == (0.05, 2, True)
+    with pytest.raises(SystemExit):
+        make_args("tiny", baseline="loop", num_envs=4, loop_group_size=3)
+    with pytest.raises(SystemExit):  # a preset's flag given another value
+        make_args("tiny", baseline="rl4vlm", kl_beta=0.05)
+
+
+def test_loop_advantages_hand_computed():
+    """LOOP: episode i's return minus the mean of the other K - 1 returns of its group, on each of its steps."""
+    returns = torch.tensor([1.0, 0.0, 0.0, -1.0, 2.0, 2.0, 2.0, 2.0])  # two groups of K = 4
+    got = vldac.loop_advantages(returns, torch.tensor([0, 0, 3, 5, 1]), 4)
+    # episode 0: 1 - (0 + 0 - 1) / 3 = 4/3; episode 3: -1 - (1 + 0 + 0) / 3 = -4/3; episodes 5 and 1: 0
+    assert torch.allclose(got, torch.tensor([4 / 3, 4 / 3, -4 / 3, 0.0, 0.0]))
+
+
+BJ = "gym_cards/Blackjack-v0"  # episodes of 1-4 steps: whole episodes are cheap
+
+
+def first_frames(batch, num_envs):
+    """Each episode's first stored step's pixels, (num_envs,) list."""
+    return [batch.steps[batch.episode_of_step.tolist().index(i)]["pixel_values"] for i in range(num_envs)]
+
+
+def test_loop_rollout_groups_episodes_by_task(tiny_dir):
+    """collect_episodes: one whole episode per env; the K envs of a group start from the same task (the same
+    first frame), and every step is attributed to its episode; a second rollout draws new tasks."""
+    args = make_args(tiny_dir, env_id=BJ, baseline="loop", num_envs=6, loop_group_size=3, total_timesteps=12)
+    agent, processor = make_agent(args)
+    runner = rollout.EnvRunner([envs.make_env(BJ) for _ in range(6)], seed=0)
+    tasks = []
+    for _ in range(2):
+        batch = runner.collect_episodes(agent, processor, 3, args.temperature, args.max_new_tokens)
+        assert len(batch.episodes) == 6 and all(e is not None for e in batch.episodes)
+        lengths = torch.bincount(batch.episode_of_step, minlength=6).tolist()
+        assert lengths == [e["episodic_length"] for e in batch.episodes]
+        assert len(batch.steps) == len(batch.logprobs) == len(batch.values) == sum(lengths)
+        frames = first_frames(batch, 6)
+        for group in (0, 3):
+            assert torch.equal(frames[group], frames[group + 1]) and torch.equal(frames[group], frames[group + 2])
+        tasks += [frames[0], frames[3]]
+    assert any(not torch.equal(tasks[0], t) for t in tasks[1:]), "every group of both rollouts got the same task"
+
+
+def test_loop_update_ratio_one_and_kl_zero_then_moves_policy(tiny_dir):
+    """LOOP's stored steps score as the update rescores them: with the learning rate at 0 every ratio is 1 and the
+    KL to the reference 0 over all its minibatches; with a learning rate, the policy moves."""
+    args = make_args(tiny_dir, env_id=BJ, baseline="loop", num_envs=4, loop_group_size=2, update_epochs=1)
+    agent, processor = make_agent(args)
+    runner = rollout.EnvRunner([envs.make_env(BJ) for _ in range(4)], seed=0)
+    batch, advantages, returns = vldac.loop_rollout(runner, agent, processor, args)
+    returns_by_episode = torch.tensor([e["episodic_return"] for e in batch.episodes])
+    assert torch.allclose(advantages.view(-1), vldac.loop_advantages(returns_by_episode, batch.episode_of_step, 2))
+    trainable = [p for p in agent.parameters() if p.requires_grad]
+    before = policy_params(agent)
+    stats = vldac.update(agent, torch.optim.SGD(trainable, lr=0.0), batch, advantages, returns, args,
+                         processor.tokenizer)
+    assert stats["clipfrac"] == 0 and abs(stats["approx_kl"]) < 1e-9 and abs(stats["kl_ref"]) < 1e-9, stats
+    assert stats["value_loss"] < 1e-9, "LOOP has no value targets: returns are the values themselves"
+    advantages = advantages + torch.arange(len(advantages)) % 2 - 0.5  # never all zero (all hands may tie)
+    vldac.update(agent, torch.optim.Adam(trainable, lr=1e-3), batch, advantages, returns, args, processor.tokenizer)
+    after = policy_params(agent)
+    assert any(not torch.equal(before[n], after[n]) for n in before if "language_model" in n)
+
+
+def test_loop_training_run_stops_at_its_env_step_budget(tiny_dir, tmp_path):
+    """vldac.py --baseline loop: rollouts of whole episodes until --total-timesteps env steps are taken, the
+    learning rate decaying over env steps, no explained variance (no critic), the usual charts."""
+    result = run_script(tmp_path, "--env-id", BJ, "--model-id", str(tiny_dir), "--baseline", "loop", "--num-envs", "4",
+                        "--loop-group-size", "2", "--total-timesteps", "12", "--max-new-tokens", "6",
+                        "--no-save-model", "--eval-episodes", "0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "LOOP: rollouts of 4 whole episodes" in result.stdout, result.stdout
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    logged = scalars(run_dir)
+    steps = [step for step, _ in logged["charts/episodic_return"]]
+    assert steps[-2] < 12 <= steps[-1] and all(4 <= b - a for a, b in zip([0] + steps, steps)), steps
+    rates = [value for _, value in logged["charts/learning_rate"]]
+    assert rates == sorted(rates, reverse=True) and rates[0] == pytest.approx(3e-4), rates
+    assert all(math.isnan(v) for _, v in logged["losses/explained_variance"])
+
+
 @pytest.mark.parametrize("value_stop_grad", [True, False])
 def test_warmup_freezes_policy_then_update_changes_it(tiny_dir, value_stop_grad):
     """Without the stop-gradient the value loss could reach the backbone: the warm-up must still not move it."""

@@ -125,6 +125,12 @@ class Args:
     """global gradient-norm clip (the authors' code: 0.01; None: the defaults table)"""
 
     # Baselines and ablations (benchmarks/ablations.py); the defaults are VL-DAC
+    baseline: Literal["vldac", "rl4vlm", "loop"] = "vldac"
+    """`rl4vlm`: RL4VLM as published (Zhai et al. 2024): --policy-loss rl4vlm, no KL, no value warm-up, and the
+    value loss trains the backbone; `loop`: LOOP (Chen et al. 2025): no critic, whole episodes, K per task, each
+    episode's leave-one-out advantage on all its tokens, per-token PPO, no KL. Flags they set take no other value"""
+    loop_group_size: int = 4
+    """LOOP's K: episodes per group, all from the same env seed (--baseline loop; divides --num-envs)"""
     policy_loss: Literal["token", "rl4vlm"] = "token"
     """`token`: VL-DAC, a PPO ratio per generated token (Eq. 3); `rl4vlm`: RL4VLM's one ratio per step on
     thought_coef * log pi(thought tokens) + log pi(action tokens)"""
@@ -149,6 +155,9 @@ TINY_DEFAULTS = dict(total_timesteps=12_288, num_envs=16, num_steps=8, minibatch
                      learning_rate=3e-4, end_learning_rate=3e-5, update_epochs=2, vf_coef=0.15, kl_beta=0.05,
                      value_warmup_iters=2, max_grad_norm=1.0, max_new_tokens=48, lora_r=0, lora_alpha=32)
 GAE_DEFAULTS = {"gym_cards": dict(gamma=1.0, gae_lambda=1.0), "MiniWorld": dict(gamma=0.99, gae_lambda=0.95)}
+# --baseline presets: what each method changes relative to VL-DAC (LOOP keeps no reference model, no critic)
+BASELINES = {"vldac": {}, "rl4vlm": dict(policy_loss="rl4vlm", kl_beta=0.0, value_warmup_iters=0, value_stop_grad=False),
+             "loop": dict(kl_beta=0.0, vf_coef=0.0, value_warmup_iters=0)}
 
 
 def resolve_args(args):
@@ -156,6 +165,11 @@ def resolve_args(args):
     if args.env_id not in envs.ENV_IDS:
         fail(f"unknown --env-id {args.env_id!r}; valid ids: {', '.join(envs.ENV_IDS)}")
     family = "gym_cards" if args.env_id in envs.CARD_IDS else "MiniWorld"
+    for key, value in BASELINES[args.baseline].items():
+        if getattr(args, key) is not None and getattr(args, key) != value and key not in ("policy_loss", "value_stop_grad"):
+            fail(f"--baseline {args.baseline} sets --{key.replace('_', '-')} {value}; for another value give the "
+                 f"flags it stands for instead (see --help)")
+        setattr(args, key, value)
     defaults = {**(TINY_DEFAULTS if is_tiny(args.model_id) else PAPER_DEFAULTS), **GAE_DEFAULTS[family]}
     for key, value in defaults.items():
         if getattr(args, key) is None:
@@ -165,7 +179,9 @@ def resolve_args(args):
             fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     args.batch_size = args.num_envs * args.num_steps
     args.num_iterations = args.total_timesteps // (args.batch_size * WORLD_SIZE)  # torchrun: every rank rolls out
-    if args.minibatch_size > args.batch_size or args.batch_size % args.minibatch_size:
+    if args.baseline == "loop":  # whole episodes of varying length: stop at total_timesteps (an upper bound here)
+        args.num_iterations = args.total_timesteps // args.num_envs
+    if args.baseline != "loop" and (args.minibatch_size > args.batch_size or args.batch_size % args.minibatch_size):
         fail(f"--minibatch-size {args.minibatch_size} must divide num_envs * num_steps = {args.batch_size}")
     if args.minibatch_size % args.micro_batch_size:
         fail(f"--micro-batch-size {args.micro_batch_size} must divide --minibatch-size {args.minibatch_size}")
@@ -175,6 +191,10 @@ def resolve_args(args):
     if args.num_iterations < 1:
         fail(f"--total-timesteps {args.total_timesteps} is less than one rollout "
              f"({args.batch_size * WORLD_SIZE} env steps over {WORLD_SIZE} rank(s))")
+    if args.baseline == "loop" and (args.loop_group_size < 2 or args.num_envs % args.loop_group_size):
+        fail(f"--loop-group-size must be >= 2 and divide --num-envs {args.num_envs}, got {args.loop_group_size}")
+    if args.baseline == "loop" and WORLD_SIZE > 1:  # ranks would take different numbers of optimizer steps
+        fail("--baseline loop runs in one process (its rollouts differ in length between ranks)")
     if args.thought_coef < 0:
         fail(f"--thought-coef must be >= 0, got {args.thought_coef}")
     if args.temperature <= 0:
@@ -324,9 +344,11 @@ def value_loss(values, old_values, returns, clip_coef=None):
     return 0.5 * v_loss.mean()
 
 
-def cosine_learning_rate(iteration, args):
-    """Table 6: cosine decay from learning_rate (iteration 1) to end_learning_rate (the last iteration)."""
-    progress = (iteration - 1) / max(1, args.num_iterations - 1)  # 0 -> 1
+def cosine_learning_rate(iteration, args, global_step=0):
+    """Table 6: cosine decay from learning_rate (iteration 1) to end_learning_rate (the last iteration). LOOP's
+    rollouts (whole episodes) vary in length: it decays over env steps instead."""
+    progress = (min(1.0, global_step / args.total_timesteps) if args.baseline == "loop"
+                else (iteration - 1) / max(1, args.num_iterations - 1))  # 0 -> 1
     cosine = 0.5 * (1 + math.cos(math.pi * progress))  # 1 -> 0
     return args.end_learning_rate + (args.learning_rate - args.end_learning_rate) * cosine
 
@@ -360,6 +382,22 @@ def rl4vlm_ppo_loss(logprobs, old_logprobs, advantages, token_mask, action_mask,
     return clipped_surrogate(logratio.exp(), advantages, clip_coef).mean()
 
 
+# ---- Baseline: LOOP (Chen et al. 2025), no critic: K episodes of one task, leave-one-out advantages (--baseline loop) ----
+def loop_advantages(episode_returns, episode_of_step, group_size):
+    """Episode i's return minus the mean return of the other K - 1 episodes of its group (same task), given to every
+    step of episode i: (S,). Groups are consecutive runs of group_size episodes (rollout.collect_episodes)."""
+    returns = episode_returns.view(-1, group_size)  # (G, K)
+    others = (returns.sum(1, keepdim=True) - returns) / (group_size - 1)  # (G, K): leave-one-out means
+    return (returns - others).flatten()[episode_of_step]  # (S,)
+
+
+def loop_rollout(runner, agent, processor, args):
+    """LOOP's stages 1-3: one whole episode per env, K per task; its advantages; no value targets (vf_coef 0)."""
+    batch = runner.collect_episodes(agent, processor, args.loop_group_size, args.temperature, args.max_new_tokens)
+    episode_returns = torch.tensor([e["episodic_return"] for e in batch.episodes])  # (N,)
+    return batch, loop_advantages(episode_returns, batch.episode_of_step, args.loop_group_size), batch.values
+
+
 def update(agent, optimizer, batch, advantages, returns, args, tokenizer, value_warmup=False):
     """4. PPO epochs over shuffled minibatches of env steps (Eq. 6: L = L_pol + beta L_KL + alpha L_val).
     Value warm-up: the backbone runs without gradient, so Adam skips the policy's parameters entirely (no
@@ -367,13 +405,15 @@ def update(agent, optimizer, batch, advantages, returns, args, tokenizer, value_
     agent.train()  # LoRA dropout, if asked for, is active in the update only; the rollout ran in eval mode
     trainable = [p for p in agent.parameters() if p.requires_grad]
     old_values, flat_adv, flat_ret = batch.values.flatten(), advantages.flatten(), returns.flatten()  # (T * N,)
+    size = len(batch.steps)  # T * N (LOOP: the steps its episodes took)
     stats = dict.fromkeys(["policy_loss", "value_loss", "kl_ref", "old_approx_kl", "approx_kl", "clipfrac"], 0.0)
     skipped_updates = 0
     for epoch in range(args.update_epochs):
-        order = torch.randperm(args.batch_size)
-        for start in range(0, args.batch_size, args.minibatch_size):
+        order = torch.randperm(size)
+        for start in range(0, size, args.minibatch_size):
             optimizer.zero_grad()
-            for micro in order[start : start + args.minibatch_size].split(args.micro_batch_size):
+            minibatch = order[start : start + args.minibatch_size]  # LOOP's last one may be shorter
+            for micro in minibatch.split(args.micro_batch_size):
                 index = micro.tolist()
                 inputs, response_ids, token_mask = rollout.collate(
                     [batch.steps[i] for i in index], tokenizer.pad_token_id, agent.device)  # (b, P), (b, R), (b, R)
@@ -395,7 +435,7 @@ def update(agent, optimizer, batch, advantages, returns, args, tokenizer, value_
                 v_loss = value_loss(values, mb_old_v, mb_ret, args.clip_coef if args.clip_vloss else None)  # Eq. 4
                 # Eq. 6; the value warm-up trains the value head alone
                 loss = args.vf_coef * v_loss + (0 if value_warmup else pg_loss + args.kl_beta * kl_ref)
-                (loss * len(index) / args.minibatch_size).backward()  # accumulate: the minibatch mean
+                (loss * len(index) / len(minibatch)).backward()  # accumulate: the minibatch mean
 
                 with torch.no_grad():
                     logratio = masked_log_ratio(logprobs, old_logprobs, token_mask)  # (b, R)
@@ -406,7 +446,7 @@ def update(agent, optimizer, batch, advantages, returns, args, tokenizer, value_
                                       clipfrac=masked_step_mean(((ratio - 1).abs() > args.clip_coef).float(),
                                                                 token_mask).mean())
                     for key, value in step_stats.items():
-                        stats[key] += value.item() * len(index) / (args.update_epochs * args.batch_size)
+                        stats[key] += value.item() * len(index) / (args.update_epochs * size)
             distributed.average_gradients(trainable)  # the same gradient, hence the same step, on every rank
             grad_norm = nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
             if not torch.isfinite(grad_norm):  # a NaN/inf loss or gradient: skip, never let it reach the weights
@@ -451,26 +491,33 @@ if __name__ == "__main__":
     writer = checkpoint.open_writer(run_dir, run_name, args, resumed_step=global_step if saved else None)
     if RANK == 0:
         print(f"{run_name}: {sum(p.numel() for p in agent.parameters() if p.requires_grad):,} trainable parameters "
-              f"(vision tower frozen), {args.num_iterations} iterations of {args.batch_size} env steps x {WORLD_SIZE} "
-              f"rank(s) on {device}; logs: tensorboard --logdir {run_dir.parent}", flush=True)
+              f"(vision tower frozen), " + (f"{args.num_iterations} iterations of {args.batch_size} env steps x "
+              f"{WORLD_SIZE} rank(s)" if args.baseline != "loop" else f"LOOP: rollouts of {args.num_envs} whole episodes "
+              f"to {args.total_timesteps} env steps") + f" on {device}; logs: tensorboard --logdir {run_dir.parent}",
+              flush=True)
 
     start_step, start_time = global_step, time.time()
     for iteration in range(start_iteration, args.num_iterations + 1):
-        lr = cosine_learning_rate(iteration, args)
+        if global_step >= args.total_timesteps:  # LOOP only: its rollouts vary in length
+            break
+        lr = cosine_learning_rate(iteration, args, global_step)
         optimizer.param_groups[0]["lr"] = lr
 
-        # 1. Rollout: num_envs envs x num_steps env steps; per step one batched generate and one scoring
-        #    forward giving log pi_old per token (at temperature T), V_old(s_t) and log pi_ref per token
-        batch = runner.collect(agent, processor, args.num_steps, args.temperature, args.max_new_tokens)
-        global_step += args.batch_size * WORLD_SIZE
+        if args.baseline == "loop":  # the critic-free baseline replaces stages 1-3 (loop_rollout)
+            batch, advantages, returns = loop_rollout(runner, agent, processor, args)
+        else:
+            # 1. Rollout: num_envs envs x num_steps env steps; per step one batched generate and one scoring
+            #    forward giving log pi_old per token (at temperature T), V_old(s_t) and log pi_ref per token
+            batch = runner.collect(agent, processor, args.num_steps, args.temperature, args.max_new_tokens)
 
-        # 2. GAE over ENV STEPS (one value per step, never per token); truncations bootstrap, terminals do not
-        advantages, returns = compute_gae(batch.rewards, batch.values, batch.terminated, batch.truncated,
-                                          batch.bootstrap_values, batch.last_values, args.gamma, args.gae_lambda)
+            # 2. GAE over ENV STEPS (one value per step, never per token); truncations bootstrap, terminals do not
+            advantages, returns = compute_gae(batch.rewards, batch.values, batch.terminated, batch.truncated,
+                                              batch.bootstrap_values, batch.last_values, args.gamma, args.gae_lambda)
 
-        # 3. Advantage normalisation over the whole rollout (all ranks'); returns R_t = A_t + V_old(s_t) stay raw
-        if args.norm_adv:
-            advantages = normalize_advantages(advantages)
+            # 3. Advantage normalisation over the whole rollout (all ranks'); returns R_t = A_t + V_old(s_t) raw
+            if args.norm_adv:
+                advantages = normalize_advantages(advantages)
+        global_step += len(batch.steps) * WORLD_SIZE
 
         # 4. PPO epochs: per-token clipped surrogate (Eq. 3), value loss on the detached head (Eq. 4),
         #    k3 KL to the reference, L = L_pol + beta L_KL + alpha L_val (Eq. 6); value-only warm-up first
@@ -479,7 +526,8 @@ if __name__ == "__main__":
 
         # 5. Logging: x-axis = env steps; every statistic over all ranks' env steps and episodes
         y_pred, y_true = (distributed.all_ranks(x.flatten()).numpy() for x in (batch.values, returns))  # (T*N*ranks,)
-        explained_var = np.nan if np.var(y_true) == 0 else 1 - np.var(y_true - y_pred) / np.var(y_true)
+        no_critic = np.var(y_true) == 0 or args.vf_coef == 0  # (LOOP has none)
+        explained_var = np.nan if no_critic else 1 - np.var(y_true - y_pred) / np.var(y_true)
         stats = {k: v / WORLD_SIZE for k, v in distributed.sum_over_ranks(stats).items()}  # ranks: as many steps each
         totals = distributed.sum_over_ranks(dict(
             episodes=len(batch.episodes), parse_failures=batch.parse_failures, response_tokens=batch.response_tokens,
@@ -488,7 +536,7 @@ if __name__ == "__main__":
         per_episode = {"success_rate" if key == "success" else key: totals[key] / episodes
                        for key in ("episodic_return", "episodic_length", "success")} if episodes else {}
         charts = dict(learning_rate=lr, SPS=(global_step - start_step) / (time.time() - start_time),
-                      parse_failure_rate=totals["parse_failures"] / (args.batch_size * WORLD_SIZE),
+                      parse_failure_rate=totals["parse_failures"] / (len(batch.steps) * WORLD_SIZE),
                       response_tokens=totals["response_tokens"] / WORLD_SIZE,
                       skipped_updates=stats.pop("skipped_updates"), **per_episode)  # the NaN/inf guard's count
         if RANK == 0:

@@ -1,6 +1,7 @@
-"""Ablations on the tiny model: VL-DAC against RL4VLM's policy loss, and VL-DAC without each of its
-stabilisers. Runs variants x envs x seeds of `python vldac.py`, --jobs at a time with one thread each, then
-writes a markdown table to OUT/results.md and prints it. Run:
+"""Ablations on the tiny model: VL-DAC against RL4VLM (its policy loss with VL-DAC's stabilisers, as published,
+and the ladder in between) and LOOP, and VL-DAC without each of its stabilisers. Runs variants x envs x seeds of
+`python vldac.py`, --jobs at a time with one thread each, then writes a markdown table to OUT/results.md and
+prints it. Run:
     python benchmarks/ablations.py                                          # the full benchmark
     python benchmarks/ablations.py --total-timesteps 256 --seeds 1 --variants vldac rl4vlm-0.5 --out /tmp/abl
 Resumable: a run whose result.json was written by the same command is skipped, so an interrupted benchmark
@@ -37,6 +38,11 @@ VARIANTS = {
     "vldac-no-warmup": ["--value-warmup-iters", "0"],
     "vldac-no-stopgrad": ["--no-value-stop-grad"],
     "vldac-no-kl": ["--kl-beta", "0"],
+    # the baselines as published, and RL4VLM gaining VL-DAC's stabilisers one by one (+ KL is rl4vlm-0.5 above)
+    **{f"rl4vlm-published-{lam}": ["--baseline", "rl4vlm", "--thought-coef", str(lam)] for lam in (0.35, 0.5)},
+    "rl4vlm-0.5+warmup": ["--policy-loss", "rl4vlm", "--thought-coef", "0.5", "--kl-beta", "0", "--no-value-stop-grad"],
+    "rl4vlm-0.5+warmup+stopgrad": ["--policy-loss", "rl4vlm", "--thought-coef", "0.5", "--kl-beta", "0"],
+    "loop": ["--baseline", "loop"],
 }
 # success rate to count "env steps to reach"; envs left out get no such column
 DEFAULT_TARGETS = {"gym_cards/NumberLine-v0": 0.9}
