@@ -25,6 +25,7 @@ from PIL import Image
 from peft import PeftModel
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+import baselines
 import checkpoint
 import distributed
 import envs
@@ -807,12 +808,12 @@ def test_rl4vlm_logprob_hand_computed(tiny_dir, thought_coef):
     thought = tokenizer('{"thoughts": "move right",')["input_ids"]
     action = tokenizer(' "action": "+"}<|im_end|>')["input_ids"]
     response_ids = torch.tensor(thought + action)  # (R,)
-    action_mask = vldac.action_token_mask(tokenizer, response_ids)
+    action_mask = baselines.action_token_mask(tokenizer, response_ids)
     assert action_mask.tolist() == [False] * len(thought) + [True] * len(action)
     logprobs = -torch.rand(2, len(response_ids)) * 3  # (B, R), row 1 padded after 5 tokens
     token_mask = torch.ones(2, len(response_ids), dtype=torch.bool)
     token_mask[1, 5:] = False
-    got = vldac.rl4vlm_logprob(logprobs, token_mask, action_mask.expand(2, -1), thought_coef)
+    got = baselines.rl4vlm_logprob(logprobs, token_mask, action_mask.expand(2, -1), thought_coef)
     lp = logprobs.tolist()
     expected = [thought_coef * sum(lp[0][: len(thought)]) + sum(lp[0][len(thought):]), thought_coef * sum(lp[1][:5])]
     torch.testing.assert_close(got, torch.tensor(expected))
@@ -828,7 +829,7 @@ def test_action_split_without_field_is_all_thought(tiny_dir):
     tokenizer = AutoProcessor.from_pretrained(tiny_dir).tokenizer
     for text, first_action_char in [("I will go +", None), ('{"action" :"-"}', 1), ('xx "action":+', 3)]:
         ids = torch.tensor(tokenizer(text)["input_ids"])
-        mask = vldac.action_token_mask(tokenizer, ids)
+        mask = baselines.action_token_mask(tokenizer, ids)
         if first_action_char is None:
             assert not mask.any()
         else:  # the first action token is the one whose decoded prefix first covers the quote
@@ -1041,7 +1042,7 @@ def test_baseline_presets():
 def test_loop_advantages_hand_computed():
     """LOOP: episode i's return minus the mean of the other K - 1 returns of its group, on each of its steps."""
     returns = torch.tensor([1.0, 0.0, 0.0, -1.0, 2.0, 2.0, 2.0, 2.0])  # two groups of K = 4
-    got = vldac.loop_advantages(returns, torch.tensor([0, 0, 3, 5, 1]), 4)
+    got = baselines.loop_advantages(returns, torch.tensor([0, 0, 3, 5, 1]), 4)
     # episode 0: 1 - (0 + 0 - 1) / 3 = 4/3; episode 3: -1 - (1 + 0 + 0) / 3 = -4/3; episodes 5 and 1: 0
     assert torch.allclose(got, torch.tensor([4 / 3, 4 / 3, -4 / 3, 0.0, 0.0]))
 
@@ -1080,9 +1081,9 @@ def test_loop_update_ratio_one_and_kl_zero_then_moves_policy(tiny_dir):
     args = make_args(tiny_dir, env_id=BJ, baseline="loop", num_envs=4, loop_group_size=2, update_epochs=1)
     agent, processor = make_agent(args)
     runner = rollout.EnvRunner([envs.make_env(BJ) for _ in range(4)], seed=0)
-    batch, advantages, returns = vldac.loop_rollout(runner, agent, processor, args)
+    batch, advantages, returns = baselines.loop_rollout(runner, agent, processor, args)
     returns_by_episode = torch.tensor([e["episodic_return"] for e in batch.episodes])
-    assert torch.allclose(advantages.view(-1), vldac.loop_advantages(returns_by_episode, batch.episode_of_step, 2))
+    assert torch.allclose(advantages.view(-1), baselines.loop_advantages(returns_by_episode, batch.episode_of_step, 2))
     trainable = [p for p in agent.parameters() if p.requires_grad]
     before = policy_params(agent)
     stats = vldac.update(agent, torch.optim.SGD(trainable, lr=0.0), batch, advantages, returns, args,
@@ -1226,7 +1227,7 @@ def test_policy_loss_flag_picks_the_loss(tiny_dir, policy_loss):
     advantages = torch.tensor([[1.0, -0.5], [2.0, -1.5]])  # (T, N), flattened as t * N + env
     logprobs, _, old, _, mask = rescore(agent, batch, processor.tokenizer.pad_token_id)
     flat = advantages.flatten()
-    action_mask = rollout.pad_stack([vldac.action_token_mask(processor.tokenizer, s["response_ids"])
+    action_mask = rollout.pad_stack([baselines.action_token_mask(processor.tokenizer, s["response_ids"])
                                      for s in batch.steps], mask.shape[1])
     expected = dict(token=vldac.token_ppo_loss(logprobs, old, flat, mask, args.clip_coef).item(),
                     rl4vlm=vldac.rl4vlm_ppo_loss(logprobs, old, flat, mask, action_mask, 0.35, args.clip_coef).item())
@@ -1423,6 +1424,23 @@ def test_smoke_run_twice_same_seed(tiny_dir, tmp_path):
     assert (model_dir / "value_head.pt").exists() and (model_dir / "args.json").exists()
     policy, _ = vlm.load_policy(str(model_dir))
     assert not isinstance(policy, PeftModel)
+
+
+def test_ablation_learning_curves(tmp_path):
+    """benchmarks/ablations.py's figure: per variant the mean (+- std) over seeds of each seed's 3-iteration moving
+    average of the success rate, on a common grid of env steps; one PNG per env."""
+    sys.path.insert(0, str(HERE / "benchmarks"))
+    import ablations
+
+    runs = [dict(env_id=ENV_ID, variant="vldac", steps=[128, 256, 384, 512], success=s)
+            for s in ([0.0, 0.0, 1.0, 1.0], [0.0, 1.0, 1.0, 1.0])]
+    grid, mean, std = ablations.learning_curve(runs, points=5)
+    assert grid.tolist() == [0, 128, 256, 384, 512]
+    # moving averages 1/3, 2/3 and 2/3, 1 at env steps 384, 512; flat before 384
+    assert mean == pytest.approx([0.5, 0.5, 0.5, 0.5, 5 / 6]) and std[-1] == pytest.approx(1 / 6)
+    runs.append(dict(env_id=ENV_ID, variant="loop", steps=[100, 200, 300], success=[0.0, 0.5, 1.0]))
+    path = ablations.plot(runs, ENV_ID, ["vldac", "loop", "rl4vlm-0.5"], tmp_path / "curve.png", target=0.9)
+    assert Image.open(path).size[0] > 500
 
 
 def test_baseline_and_ablation_switches_smoke_run(tiny_dir, tmp_path):

@@ -6,13 +6,11 @@
     python vldac.py --resume runs/RUN_NAME                               # after a crash
     torchrun --standalone --nproc-per-node 8 vldac.py --env-id ...       # data parallel over 8 GPUs
 """
-import bisect
 import copy
 import importlib.util
 import math
 import os
 import random
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +22,7 @@ import torch.nn as nn
 import tyro
 from peft import PeftModel
 
+import baselines
 import checkpoint
 import distributed
 import envs
@@ -353,49 +352,12 @@ def cosine_learning_rate(iteration, args, global_step=0):
     return args.end_learning_rate + (args.learning_rate - args.end_learning_rate) * cosine
 
 
-# ---- Baseline: RL4VLM (Zhai et al. 2024), one PPO ratio per env step (--policy-loss rl4vlm --thought-coef L) ----
-
-
-def action_token_mask(tokenizer, response_ids):
-    """RL4VLM's thought/action split of one response (R,): True from the token holding the `"action"` field's
-    opening quote onwards (end-of-turn included). Found in the decoded text, so it works for any tokenizer
-    (RL4VLM matches hard-coded token ids). A response without the field is all thought: all False."""
-    match = re.search(r'"action"\s*:', tokenizer.decode(response_ids))
-    if match is None:
-        return torch.zeros(len(response_ids), dtype=torch.bool)
-    # first k whose decoded prefix ids[:k] reaches past the field's first character: token k - 1 holds it
-    k = bisect.bisect_right(range(len(response_ids) + 1), match.start(),
-                            key=lambda k: len(tokenizer.decode(response_ids[:k])))
-    return torch.arange(len(response_ids)) >= k - 1
-
-
-def rl4vlm_logprob(logprobs, token_mask, action_mask, thought_coef):
-    """RL4VLM's log-prob of a whole step, lambda * sum log pi(thought tokens) + sum log pi(action tokens), (B,)."""
-    weights = torch.where(action_mask, 1.0, thought_coef)  # (B, R)
-    return torch.where(token_mask, logprobs * weights, 0.0).sum(1)
-
-
+# ---- Baselines (baselines.py): RL4VLM's loss, ONE clipped ratio per env step; LOOP replaces stages 1-3 ----
 def rl4vlm_ppo_loss(logprobs, old_logprobs, advantages, token_mask, action_mask, thought_coef, clip_coef):
     """ONE clipped PPO ratio per step, on the lambda-weighted summed log-prob."""
-    logratio = (rl4vlm_logprob(logprobs, token_mask, action_mask, thought_coef)
-                - rl4vlm_logprob(old_logprobs, token_mask, action_mask, thought_coef))  # (B,)
+    logratio = (baselines.rl4vlm_logprob(logprobs, token_mask, action_mask, thought_coef)
+                - baselines.rl4vlm_logprob(old_logprobs, token_mask, action_mask, thought_coef))  # (B,)
     return clipped_surrogate(logratio.exp(), advantages, clip_coef).mean()
-
-
-# ---- Baseline: LOOP (Chen et al. 2025), no critic: K episodes of one task, leave-one-out advantages (--baseline loop) ----
-def loop_advantages(episode_returns, episode_of_step, group_size):
-    """Episode i's return minus the mean return of the other K - 1 episodes of its group (same task), given to every
-    step of episode i: (S,). Groups are consecutive runs of group_size episodes (rollout.collect_episodes)."""
-    returns = episode_returns.view(-1, group_size)  # (G, K)
-    others = (returns.sum(1, keepdim=True) - returns) / (group_size - 1)  # (G, K): leave-one-out means
-    return (returns - others).flatten()[episode_of_step]  # (S,)
-
-
-def loop_rollout(runner, agent, processor, args):
-    """LOOP's stages 1-3: one whole episode per env, K per task; its advantages; no value targets (vf_coef 0)."""
-    batch = runner.collect_episodes(agent, processor, args.loop_group_size, args.temperature, args.max_new_tokens)
-    episode_returns = torch.tensor([e["episodic_return"] for e in batch.episodes])  # (N,)
-    return batch, loop_advantages(episode_returns, batch.episode_of_step, args.loop_group_size), batch.values
 
 
 def update(agent, optimizer, batch, advantages, returns, args, tokenizer, value_warmup=False):
@@ -427,7 +389,7 @@ def update(agent, optimizer, batch, advantages, returns, args, tokenizer, value_
                 if args.policy_loss == "token":  # VL-DAC, Eq. 3
                     pg_loss = token_ppo_loss(logprobs, old_logprobs, mb_adv, token_mask, args.clip_coef)
                 else:  # the RL4VLM baseline
-                    action_mask = rollout.pad_stack([action_token_mask(tokenizer, batch.steps[i]["response_ids"])
+                    action_mask = rollout.pad_stack([baselines.action_token_mask(tokenizer, batch.steps[i]["response_ids"])
                                                      for i in index], length).to(agent.device)  # (b, R)
                     pg_loss = rl4vlm_ppo_loss(logprobs, old_logprobs, mb_adv, token_mask, action_mask,
                                               args.thought_coef, args.clip_coef)
@@ -504,7 +466,7 @@ if __name__ == "__main__":
         optimizer.param_groups[0]["lr"] = lr
 
         if args.baseline == "loop":  # the critic-free baseline replaces stages 1-3 (loop_rollout)
-            batch, advantages, returns = loop_rollout(runner, agent, processor, args)
+            batch, advantages, returns = baselines.loop_rollout(runner, agent, processor, args)
         else:
             # 1. Rollout: num_envs envs x num_steps env steps; per step one batched generate and one scoring
             #    forward giving log pi_old per token (at temperature T), V_old(s_t) and log pi_ref per token

@@ -1,7 +1,7 @@
 """Ablations on the tiny model: VL-DAC against RL4VLM (its policy loss with VL-DAC's stabilisers, as published,
 and the ladder in between) and LOOP, and VL-DAC without each of its stabilisers. Runs variants x envs x seeds of
-`python vldac.py`, --jobs at a time with one thread each, then writes a markdown table to OUT/results.md and
-prints it. Run:
+`python vldac.py`, --jobs at a time with one thread each, then writes a markdown table to OUT/results.md and a
+learning-curve PNG per env to OUT/ENV.png (mean over seeds, +- std band, one line per variant), and prints it. Run:
     python benchmarks/ablations.py                                          # the full benchmark
     python benchmarks/ablations.py --total-timesteps 256 --seeds 1 --variants vldac rl4vlm-0.5 --out /tmp/abl
 Resumable: a run whose result.json was written by the same command is skipped, so an interrupted benchmark
@@ -157,6 +157,42 @@ def table(results, envs, variants, targets, caption_before):
     return "\n".join(rows)
 
 
+def learning_curve(runs, points=60):
+    """(env steps (points,), mean (points,), std (points,)) over runs of each run's 3-iteration moving average of
+    the success rate, interpolated onto a grid up to the shortest run's last step (flat before its first point)."""
+    import numpy as np
+
+    grid = np.linspace(0, min(r["steps"][-1] for r in runs), points)
+    curves = np.array([np.interp(grid, r["steps"][2:], moving_average(r["success"])) for r in runs])
+    return grid, curves.mean(0), curves.std(0)
+
+
+def plot(results, env_id, variants, path, target=None):
+    """One PNG per env: success rate against env steps, one line per variant, the mean over seeds of each seed's
+    3-iteration moving average (interpolated onto a common grid of env steps) with a +- std band."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for variant in variants:
+        runs = [r for r in results if r["env_id"] == env_id and r["variant"] == variant and len(r["success"]) >= 3]
+        if not runs:
+            continue
+        grid, mean, std = learning_curve(runs)
+        (line,) = ax.plot(grid, mean, lw=1.5, label=f"{variant} ({len(runs)} seeds)")
+        ax.fill_between(grid, mean - std, mean + std, color=line.get_color(), alpha=0.15)
+    if target is not None:
+        ax.axhline(target, color="grey", ls=":", lw=1)
+    ax.set(xlabel="env steps", ylabel="success rate (3-iteration mean)", ylim=(0, 1.02), title=env_id)
+    ax.legend(loc="best", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def base_captions(out, env_ids):
     """{env id: the base tiny model's caption accuracy}, each measured once and kept in OUT/caption_base.json."""
     base_file = out / "caption_base.json"
@@ -223,6 +259,9 @@ def main():
         f"Hardware: {hardware()}.",
         f"Command: python benchmarks/ablations.py {' '.join(sys.argv[1:])}",
     ])
+    figures = [plot(results, env_id, args.variants, out / f"{env_id.split('/')[-1]}.png", targets.get(env_id))
+               for env_id in args.envs]
+    report += "\n\nFigures: " + ", ".join(str(f) for f in figures)
     (out / "results.md").write_text(report + "\n")
     print(report)
     print(f"\nwritten to {out / 'results.md'}")
