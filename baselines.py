@@ -35,8 +35,9 @@ def loop_advantages(episode_returns, episode_of_step, group_size):
     return (returns - others).flatten()[episode_of_step]  # (S,)
 
 
-def loop_rollout(runner, agent, processor, args):
+def loop_rollout(runner, agent, processor, args, trajectories=None):
     """LOOP's stages 1-3: one whole episode per env, K per task; its advantages; no value targets (vf_coef 0)."""
-    batch = runner.collect_episodes(agent, processor, args.loop_group_size, args.temperature, args.max_new_tokens)
+    batch = runner.collect_episodes(agent, processor, args.loop_group_size, args.temperature, args.max_new_tokens,
+                                    trajectories)
     episode_returns = torch.tensor([e["episodic_return"] for e in batch.episodes])  # (N,)
     return batch, loop_advantages(episode_returns, batch.episode_of_step, args.loop_group_size), batch.values

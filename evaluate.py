@@ -184,7 +184,7 @@ class Trajectories:
     def __init__(self, directory, env_id):
         self.dir, self.env_id, self.tag = Path(directory), env_id, env_id.replace("/", "_")
         (self.dir / "frames").mkdir(parents=True, exist_ok=True)
-        self.file = open(self.dir / f"{self.tag}.jsonl", "w")
+        self.file = open(self.dir / f"{self.tag}.jsonl", "w", buffering=1)  # line-buffered: complete lines on disk
         self.seen = {}  # episode -> frame paths so far
 
     def write(self, episode, step, frame, num_frames, prompt, answer, actions, info, reward, terminated, truncated):

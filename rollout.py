@@ -147,8 +147,9 @@ class EnvRunner:
         self.episode_return[i], self.episode_length[i] = 0.0, 0
 
     @torch.no_grad()
-    def collect(self, agent, processor, num_steps, temperature, max_new_tokens):
-        """Advance every env num_steps times under the current policy (eval mode: no dropout)."""
+    def collect(self, agent, processor, num_steps, temperature, max_new_tokens, trajectories=None):
+        """Advance every env num_steps times under the current policy (eval mode: no dropout). trajectories: an
+        evaluate.Trajectories that every step is written to (what the agent saw and said), or None."""
         agent.eval()
         device, num_envs = agent.device, len(self.envs)
         eos_ids = torch.tensor(agent.eos_token_ids, device=device)
@@ -176,7 +177,11 @@ class EnvRunner:
                                              skip_special_tokens=True)
             truncated_states = []
             for i, (env, answer) in enumerate(zip(self.envs, answers)):
+                seen, prompt = self.frames[i][-1], env.prompt()
                 self.frames[i], reward, terminated, truncated, info = env.step(answer)
+                if trajectories is not None:  # episode k of env i is number k * num_envs + i, as its seed
+                    trajectories.write(self.episodes_started[i] * num_envs + i, int(self.episode_length[i]), seen,
+                                       env.num_frames, prompt, answer, env.actions, info, reward, terminated, truncated)
                 rollout.rewards[t, i], rollout.terminated[t, i], rollout.truncated[t, i] = reward, terminated, truncated
                 rollout.parse_failures += int(info["parse_failed"])
                 self.episode_return[i] += reward
@@ -199,9 +204,10 @@ class EnvRunner:
         return rollout
 
     @torch.no_grad()
-    def collect_episodes(self, agent, processor, group_size, temperature, max_new_tokens):
+    def collect_episodes(self, agent, processor, group_size, temperature, max_new_tokens, trajectories=None):
         """One whole episode per env, for LOOP (a critic-free baseline): envs [g K, (g + 1) K) form group g and
-        start from the same seed (the same task); envs that finish wait for the rest. Returns a Rollout whose
+        start from the same seed (the same task); envs that finish wait for the rest (trajectories: as collect).
+        Returns a Rollout whose
         (S,) tensors run over the S env steps taken, in order of time then env, and `episode_of_step` (S,): the
         env (= episode) index of each step. Nothing runs across rollouts: every env starts a new episode."""
         agent.eval()
@@ -231,7 +237,11 @@ class EnvRunner:
                 ref_logprobs.append(step_ref[row, :n].cpu())
                 values.append(float(step_values[row]))
                 tokens += n
-                self.frames[i], reward, terminated, truncated, info = self.envs[i].step(answer)
+                seen, prompt, env = self.frames[i][-1], self.envs[i].prompt(), self.envs[i]
+                self.frames[i], reward, terminated, truncated, info = env.step(answer)
+                if trajectories is not None:
+                    trajectories.write(self.episodes_started[i] * num_envs + i, lengths[i], seen, env.num_frames,
+                                       prompt, answer, env.actions, info, reward, terminated, truncated)
                 rewards.append(reward)
                 episode_of_step.append(i)
                 parse_failures += int(info["parse_failed"])

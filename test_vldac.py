@@ -1404,7 +1404,7 @@ def test_smoke_run_twice_same_seed(tiny_dir, tmp_path):
     runs = []
     for name in ("a", "b"):
         (tmp_path / name).mkdir()
-        result = run_script(tmp_path / name, *SMOKE, "--model-id", str(tiny_dir), "--seed", "3")
+        result = run_script(tmp_path / name, *SMOKE, "--model-id", str(tiny_dir), "--seed", "3", "--trajectories-every", "2")
         assert result.returncode == 0, result.stderr[-3000:]
         assert result.stdout.count("\niter ") + result.stdout.startswith("iter ") == 2, result.stdout
         (run_dir,) = (tmp_path / name / "runs").iterdir()
@@ -1424,6 +1424,17 @@ def test_smoke_run_twice_same_seed(tiny_dir, tmp_path):
     assert (model_dir / "value_head.pt").exists() and (model_dir / "args.json").exists()
     policy, _ = vlm.load_policy(str(model_dir))
     assert not isinstance(policy, PeftModel)
+    # --trajectories-every 2: iteration 2's rollout, every step (2 envs x 5), the same in both runs, as logged
+    assert sorted(p.name for p in (runs[0] / "trajectories").iterdir()) == ["iter2"]
+    texts = [(run / "trajectories" / "iter2" / "gym_cards_NumberLine-v0.jsonl").read_text() for run in runs]
+    assert texts[0] == texts[1]
+    steps = [json.loads(line) for line in texts[0].splitlines()]
+    assert len(steps) == 10
+    for episode in {s["episode"] for s in steps}:  # an episode's steps in this rollout are consecutive
+        numbers = [s["step"] for s in steps if s["episode"] == episode]
+        assert numbers == list(range(numbers[0], numbers[0] + len(numbers))), numbers
+    assert sum(s["parse_failed"] for s in steps) / 10 == pytest.approx(first["charts/parse_failure_rate"][1][1])
+    assert all((runs[0] / "trajectories" / "iter2" / f).exists() for s in steps for f in s["frames"])
 
 
 def test_ablation_learning_curves(tmp_path):

@@ -52,6 +52,9 @@ class Args:
     """save the policy, value head, processor and args at the end (runs/{run_name}/model; evaluate.py loads it)"""
     save_dir: Optional[str] = None
     """where --save-model writes (default: runs/{run_name}/model)"""
+    trajectories_every: int = 0
+    """every N iterations, write that rollout's steps (prompt, answer, action, reward, frames as PNG) to
+    runs/{run_name}/trajectories/iter{N} in evaluate.py's --save-trajectories format; 0: never"""
     eval_episodes: int = 50
     """after --save-model, greedy evaluation episodes (paper: 50), 2 recorded as GIFs in the run; 0 skips it"""
     threads: int = 1
@@ -184,7 +187,7 @@ def resolve_args(args):
         fail(f"--minibatch-size {args.minibatch_size} must divide num_envs * num_steps = {args.batch_size}")
     if args.minibatch_size % args.micro_batch_size:
         fail(f"--micro-batch-size {args.micro_batch_size} must divide --minibatch-size {args.minibatch_size}")
-    for name in ("checkpoint_every", "threads"):
+    for name in ("checkpoint_every", "threads", "trajectories_every"):
         if getattr(args, name) < 0:
             fail(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if args.num_iterations < 1:
@@ -201,6 +204,13 @@ def resolve_args(args):
     if args.track and importlib.util.find_spec("wandb") is None:
         fail("--track needs Weights and Biases: pip install wandb")
     return args
+
+
+def trajectory_writer(args, run_dir, iteration):
+    """An evaluate.Trajectories for this iteration's rollout when --trajectories-every asks for it (rank 0), else None."""
+    if RANK != 0 or not args.trajectories_every or iteration % args.trajectories_every:
+        return None
+    return evaluate.Trajectories(run_dir / "trajectories" / f"iter{iteration}", args.env_id)
 
 
 def make_agent(args, device):
@@ -466,11 +476,13 @@ if __name__ == "__main__":
         optimizer.param_groups[0]["lr"] = lr
 
         if args.baseline == "loop":  # the critic-free baseline replaces stages 1-3 (loop_rollout)
-            batch, advantages, returns = baselines.loop_rollout(runner, agent, processor, args)
+            batch, advantages, returns = baselines.loop_rollout(runner, agent, processor, args,
+                                                                trajectory_writer(args, run_dir, iteration))
         else:
             # 1. Rollout: num_envs envs x num_steps env steps; per step one batched generate and one scoring
             #    forward giving log pi_old per token (at temperature T), V_old(s_t) and log pi_ref per token
-            batch = runner.collect(agent, processor, args.num_steps, args.temperature, args.max_new_tokens)
+            batch = runner.collect(agent, processor, args.num_steps, args.temperature, args.max_new_tokens,
+                                   trajectory_writer(args, run_dir, iteration))
 
             # 2. GAE over ENV STEPS (one value per step, never per token); truncations bootstrap, terminals do not
             advantages, returns = compute_gae(batch.rewards, batch.values, batch.terminated, batch.truncated,
