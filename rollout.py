@@ -152,36 +152,23 @@ class EnvRunner:
         evaluate.Trajectories that every step is written to (what the agent saw and said), or None."""
         agent.eval()
         device, num_envs = agent.device, len(self.envs)
-        eos_ids = torch.tensor(agent.eos_token_ids, device=device)
         shape = (num_steps, num_envs)  # (T, N)
         rollout = Rollout(steps=[], logprobs=[], ref_logprobs=[], values=torch.zeros(shape), rewards=torch.zeros(shape),
                           terminated=torch.zeros(shape, dtype=torch.bool),
                           truncated=torch.zeros(shape, dtype=torch.bool), bootstrap_values=torch.zeros(shape),
                           last_values=None, episodes=[], parse_failures=0, response_tokens=0.0)
         for t in range(num_steps):
-            inputs = prompt_inputs(processor, self.frames, [env.prompt() for env in self.envs], device)
-            response_ids = generate(agent.policy, inputs, processor.tokenizer.pad_token_id, max_new_tokens,
-                                    temperature)  # (N, R)
-            token_mask = response_mask(response_ids, eos_ids)  # (N, R)
-            # the scoring forward gets exactly what generate got, response appended
-            logprobs, values = agent.get_logprobs_and_value(inputs, response_ids, token_mask)  # (N, R), (N,)
-            ref_logprobs = agent.get_reference_logprobs(inputs, response_ids, token_mask)  # (N, R)
-            lengths = token_mask.sum(1).tolist()
-            rollout.steps += split_steps(inputs, response_ids, token_mask)
-            rollout.logprobs += [logprobs[i, :n].cpu() for i, n in enumerate(lengths)]
-            rollout.ref_logprobs += [ref_logprobs[i, :n].cpu() for i, n in enumerate(lengths)]
-            rollout.values[t] = values.float().cpu()
-            rollout.response_tokens += sum(lengths) / (num_steps * num_envs)
+            steps, logprobs, ref_logprobs, values, answers = self.respond(agent, processor, range(num_envs), temperature,
+                                                                         max_new_tokens)
+            rollout.steps += steps
+            rollout.logprobs += logprobs
+            rollout.ref_logprobs += ref_logprobs
+            rollout.values[t] = values
+            rollout.response_tokens += sum(map(len, logprobs)) / (num_steps * num_envs)
 
-            answers = processor.batch_decode(response_ids.masked_fill(~token_mask, processor.tokenizer.pad_token_id),
-                                             skip_special_tokens=True)
             truncated_states = []
             for i, (env, answer) in enumerate(zip(self.envs, answers)):
-                seen, prompt = self.frames[i][-1], env.prompt()
-                self.frames[i], reward, terminated, truncated, info = env.step(answer)
-                if trajectories is not None:  # episode k of env i is number k * num_envs + i, as its seed
-                    trajectories.write(self.episodes_started[i] * num_envs + i, int(self.episode_length[i]), seen,
-                                       env.num_frames, prompt, answer, env.actions, info, reward, terminated, truncated)
+                reward, terminated, truncated, info = self.act(i, answer, int(self.episode_length[i]), trajectories)
                 rollout.rewards[t, i], rollout.terminated[t, i], rollout.truncated[t, i] = reward, terminated, truncated
                 rollout.parse_failures += int(info["parse_failed"])
                 self.episode_return[i] += reward
@@ -203,16 +190,42 @@ class EnvRunner:
         rollout.last_values = agent.get_value(inputs).float().cpu()  # (N,)
         return rollout
 
+    def respond(self, agent, processor, indices, temperature, max_new_tokens):
+        """The model's part of one env step of envs `indices`, batched: one generate and one scoring forward (and
+        the reference's). Returns the stored steps, log pi_old and log pi_ref per step ((R_i,) each), V_old (n,)
+        and the decoded answers."""
+        inputs = prompt_inputs(processor, [self.frames[i] for i in indices], [self.envs[i].prompt() for i in indices],
+                               agent.device)
+        response_ids = generate(agent.policy, inputs, processor.tokenizer.pad_token_id, max_new_tokens,
+                                temperature)  # (n, R)
+        token_mask = response_mask(response_ids, torch.tensor(agent.eos_token_ids, device=agent.device))  # (n, R)
+        # the scoring forward gets exactly what generate got, response appended
+        logprobs, values = agent.get_logprobs_and_value(inputs, response_ids, token_mask)  # (n, R), (n,)
+        ref_logprobs = agent.get_reference_logprobs(inputs, response_ids, token_mask)  # (n, R)
+        lengths = token_mask.sum(1).tolist()
+        answers = processor.batch_decode(response_ids.masked_fill(~token_mask, processor.tokenizer.pad_token_id),
+                                         skip_special_tokens=True)
+        return (split_steps(inputs, response_ids, token_mask), [logprobs[i, :n].cpu() for i, n in enumerate(lengths)],
+                [ref_logprobs[i, :n].cpu() for i, n in enumerate(lengths)], values.float().cpu(), answers)
+
+    def act(self, i, answer, step, trajectories=None):
+        """Env i acts on the answer (its new frames kept); the step, with the frame and prompt it answered, goes to
+        trajectories if given. Returns reward, terminated, truncated, info."""
+        env, seen, prompt = self.envs[i], self.frames[i][-1], self.envs[i].prompt()
+        self.frames[i], reward, terminated, truncated, info = env.step(answer)
+        if trajectories is not None:  # episode k of env i is number k * num_envs + i, as its seed
+            trajectories.write(self.episodes_started[i] * len(self.envs) + i, step, seen, env.num_frames, prompt,
+                               answer, env.actions, info, reward, terminated, truncated)
+        return reward, terminated, truncated, info
+
     @torch.no_grad()
     def collect_episodes(self, agent, processor, group_size, temperature, max_new_tokens, trajectories=None):
         """One whole episode per env, for LOOP (a critic-free baseline): envs [g K, (g + 1) K) form group g and
         start from the same seed (the same task); envs that finish wait for the rest (trajectories: as collect).
-        Returns a Rollout whose
-        (S,) tensors run over the S env steps taken, in order of time then env, and `episode_of_step` (S,): the
-        env (= episode) index of each step. Nothing runs across rollouts: every env starts a new episode."""
+        Returns a Rollout whose (S,) tensors run over the S env steps taken, in order of time then env, and
+        `episode_of_step` (S,): the env (= episode) index of each step. Every rollout starts new episodes."""
         agent.eval()
-        device, num_envs = agent.device, len(self.envs)
-        eos_ids = torch.tensor(agent.eos_token_ids, device=device)
+        num_envs = len(self.envs)
         for i, env in enumerate(self.envs):  # group g's seed: seed + g + (rollouts so far) * groups, never repeated
             self.episodes_started[i] += 1
             group, groups = i // group_size, num_envs // group_size
@@ -221,27 +234,15 @@ class EnvRunner:
         episodes, parse_failures, tokens, returns, lengths = [None] * num_envs, 0, 0, [0.0] * num_envs, [0] * num_envs
         active = list(range(num_envs))
         while active:
-            inputs = prompt_inputs(processor, [self.frames[i] for i in active],
-                                   [self.envs[i].prompt() for i in active], device)
-            response_ids = generate(agent.policy, inputs, processor.tokenizer.pad_token_id, max_new_tokens,
-                                    temperature)  # (n, R)
-            token_mask = response_mask(response_ids, eos_ids)
-            step_logprobs, step_values = agent.get_logprobs_and_value(inputs, response_ids, token_mask)
-            step_ref = agent.get_reference_logprobs(inputs, response_ids, token_mask)
-            answers = processor.batch_decode(response_ids.masked_fill(~token_mask, processor.tokenizer.pad_token_id),
-                                             skip_special_tokens=True)
-            steps += split_steps(inputs, response_ids, token_mask)
-            for row, (i, answer) in enumerate(zip(active, answers)):
-                n = int(token_mask[row].sum())
-                logprobs.append(step_logprobs[row, :n].cpu())
-                ref_logprobs.append(step_ref[row, :n].cpu())
-                values.append(float(step_values[row]))
-                tokens += n
-                seen, prompt, env = self.frames[i][-1], self.envs[i].prompt(), self.envs[i]
-                self.frames[i], reward, terminated, truncated, info = env.step(answer)
-                if trajectories is not None:
-                    trajectories.write(self.episodes_started[i] * num_envs + i, lengths[i], seen, env.num_frames,
-                                       prompt, answer, env.actions, info, reward, terminated, truncated)
+            step_list, step_logprobs, step_ref, step_values, answers = self.respond(agent, processor, active,
+                                                                                    temperature, max_new_tokens)
+            steps += step_list
+            logprobs += step_logprobs
+            ref_logprobs += step_ref
+            values += step_values.tolist()
+            tokens += sum(map(len, step_logprobs))
+            for i, answer in zip(active, answers):
+                reward, terminated, truncated, info = self.act(i, answer, lengths[i], trajectories)
                 rewards.append(reward)
                 episode_of_step.append(i)
                 parse_failures += int(info["parse_failed"])
