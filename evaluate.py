@@ -41,7 +41,7 @@ class Args:
     seed: int = 1
     """episode k of every env is reset with seed + k"""
     cuda: bool = True
-    """if toggled, cuda will be used when available (bf16 weights), as vldac.py"""
+    """if toggled, cuda will be used when available (bf16 weights and autocast, as vldac.py)"""
     num_episodes: int = 50
     """episodes per (model, env) (the paper: 50)"""
     num_envs: int = 10
@@ -273,7 +273,7 @@ if __name__ == "__main__":
         for env_id in args.env_ids:
             path = resolve(model_id, env_id)  # `tiny` is one model per family of envs
             if path != loaded:
-                model, processor = load_policy(model_id, device, env_id=env_id)
+                model, processor = load_policy(model_id, device, env_id=env_id, trainable=False)
                 loaded = path
             tag = model_id.strip("/").replace("/", "_")
             record = evaluate(model, processor, env_id, args.num_episodes, args.num_envs, args.temperature,

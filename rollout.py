@@ -10,6 +10,7 @@
 `collate` pads a list of stored steps back into one batch: prompts left-padded (so the last prompt
 token is the last prompt column of every row), responses right-padded with a token mask.
 """
+import contextlib
 import dataclasses
 
 import numpy as np
@@ -38,6 +39,14 @@ def base_model(model):
     return model.get_base_model() if isinstance(model, PeftModel) else model
 
 
+def compute_context(model):
+    """Where the model holds bf16 weights (vlm.load_policy on CUDA), forwards run under bf16 autocast: matrix
+    products in bf16, the fp32 trainable weights cast on the fly, norms and softmax in fp32. fp32 runs as it is."""
+    if not any(p.dtype == torch.bfloat16 for p in model.parameters()):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=model.device.type, dtype=torch.bfloat16)
+
+
 def eos_token_ids(model):
     """End-of-turn ids: the generation config's eos (a real checkpoint may list several) and the text config's."""
     eos = base_model(model).generation_config.eos_token_id
@@ -50,16 +59,22 @@ def vision_token_ids(model):
     return [config.image_token_id, config.video_token_id, config.vision_start_token_id, config.vision_end_token_id]
 
 
-def generate(model, inputs, pad_token_id, max_new_tokens, temperature=1.0):
+def generate(model, inputs, pad_token_id, max_new_tokens, temperature=1.0, static_cache=False):
     """The one call to model.generate() (rollouts, evaluation, the tiny model's probe) -> response ids (B, R).
     temperature 0: greedy; T > 0: the full distribution at T, with top_k=0, top_p=1 and no repetition penalty
     given explicitly, since a checkpoint's generation_config (Qwen2-VL: top_k=1) would otherwise fill them in.
-    Vision tokens are suppressed and any end-of-turn id stops a row."""
+    Vision tokens are suppressed and any end-of-turn id stops a row. static_cache: transformers' fixed-size KV
+    cache, with which transformers compiles the decoding step on CUDA (torch.compile, CUDA graphs; the first call
+    of each batch shape compiles). It changes how tokens are sampled, not what is scored: log-probs come from the
+    scoring forward either way."""
     decoding = dict(do_sample=False) if temperature == 0 else dict(do_sample=True, temperature=temperature, top_k=0,
                                                                    top_p=1.0)
-    sequences = model.generate(**inputs, **decoding, repetition_penalty=1.0, max_new_tokens=max_new_tokens,
-                               suppress_tokens=vision_token_ids(model), eos_token_id=eos_token_ids(model),
-                               pad_token_id=pad_token_id)  # (B, P + R)
+    if static_cache:
+        decoding["cache_implementation"] = "static"
+    with compute_context(model):
+        sequences = model.generate(**inputs, **decoding, repetition_penalty=1.0, max_new_tokens=max_new_tokens,
+                                   suppress_tokens=vision_token_ids(model), eos_token_id=eos_token_ids(model),
+                                   pad_token_id=pad_token_id)  # (B, P + R)
     return sequences[:, inputs["input_ids"].shape[1]:]
 
 
@@ -197,7 +212,7 @@ class EnvRunner:
         inputs = prompt_inputs(processor, [self.frames[i] for i in indices], [self.envs[i].prompt() for i in indices],
                                agent.device)
         response_ids = generate(agent.policy, inputs, processor.tokenizer.pad_token_id, max_new_tokens,
-                                temperature)  # (n, R)
+                                temperature, agent.static_cache)  # (n, R)
         token_mask = response_mask(response_ids, torch.tensor(agent.eos_token_ids, device=agent.device))  # (n, R)
         # the scoring forward gets exactly what generate got, response appended
         logprobs, values = agent.get_logprobs_and_value(inputs, response_ids, token_mask)  # (n, R), (n,)

@@ -716,7 +716,8 @@ def make_args(model_dir, **overrides):
 
 def make_agent(args, seed=0):
     torch.manual_seed(seed)
-    policy, processor = vlm.load_policy(args.model_id, "cpu", args.lora_r, args.lora_alpha, args.lora_dropout)
+    policy, processor = vlm.load_policy(args.model_id, "cpu", args.lora_r, args.lora_alpha, args.lora_dropout,
+                                        bf16=args.bf16)
     return vldac.Agent(policy, args.temperature, args.value_stop_grad), processor
 
 
@@ -941,34 +942,81 @@ def test_bad_inputs_one_line_exit_2(tiny_dir, capsys):
 # ---- the model: scoring, reference, gradients, updates
 
 
-def test_scoring_matches_generate(tiny_dir):
-    """The rollout's log-probs are those generate() sampled from: same positions, temperature, suppression."""
-    args = make_args(tiny_dir, temperature=0.7)
+@pytest.mark.parametrize("bf16,static_cache", [(False, False), (False, True), (True, True)])
+def test_scoring_matches_generate(tiny_dir, bf16, static_cache):
+    """The rollout's log-probs are those generate() sampled from: same positions, temperature, suppression; also
+    with the static KV cache, and in bf16 autocast (the GPU's path, here on the CPU: equal up to bf16 rounding)."""
+    args = make_args(tiny_dir, temperature=0.7, bf16=bf16)
     agent, processor = make_agent(args)
     agent.eval()
     env_list = [envs.make_env(ENV_ID) for _ in range(3)]
     frames = [env.reset(seed=i)[0] for i, env in enumerate(env_list)]
     inputs = rollout.prompt_inputs(processor, frames, [env.prompt() for env in env_list], "cpu")
+    cache = dict(cache_implementation="static") if static_cache else {}
     with torch.no_grad():
-        out = agent.policy.generate(**inputs, do_sample=True, temperature=0.7, top_k=0, top_p=1.0, max_new_tokens=8,
-                                    suppress_tokens=agent.suppress_token_ids, eos_token_id=agent.eos_token_ids,
-                                    pad_token_id=processor.tokenizer.pad_token_id, output_scores=True,
-                                    return_dict_in_generate=True)
+        with rollout.compute_context(agent.policy):
+            out = agent.policy.generate(**inputs, do_sample=True, temperature=0.7, top_k=0, top_p=1.0, max_new_tokens=8,
+                                        suppress_tokens=agent.suppress_token_ids, eos_token_id=agent.eos_token_ids,
+                                        pad_token_id=processor.tokenizer.pad_token_id, output_scores=True,
+                                        return_dict_in_generate=True, **cache)
         response_ids = out.sequences[:, inputs["input_ids"].shape[1]:]  # (B, R)
         mask = rollout.response_mask(response_ids, torch.tensor(agent.eos_token_ids))
         logprobs, _ = agent.get_logprobs_and_value(inputs, response_ids, mask)
-    scores = torch.stack(out.scores, 1).log_softmax(-1)  # (B, R, V): processed (temperature, suppression)
+    scores = torch.stack(out.scores, 1).float().log_softmax(-1)  # (B, R, V): processed (temperature, suppression)
     expected = scores.gather(-1, response_ids.unsqueeze(-1)).squeeze(-1)
-    torch.testing.assert_close(logprobs[mask], expected[mask], atol=1e-4, rtol=1e-4)
+    tolerance = 0.02 if bf16 else 1e-4  # bf16: the cached decoding step and the full forward round differently
+    torch.testing.assert_close(logprobs[mask], expected[mask], atol=tolerance, rtol=tolerance)
 
 
-@pytest.mark.parametrize("lora_r", [0, 4])
-def test_first_epoch_ratio_one_and_reference_kl_zero(tiny_dir, lora_r):
+def test_static_cache_decodes_as_the_dynamic_cache(tiny_pretrained):
+    """--static-cache changes how the KV cache is held, not what is decoded: the same greedy answers, prompts of
+    different lengths left-padded."""
+    model, processor = tiny_pretrained
+    env_list = [envs.make_env(ENV_ID) for _ in range(3)]
+    frames = [env.reset(seed=i)[0] for i, env in enumerate(env_list)]
+    prompts = [env.prompt() for env in env_list]
+    prompts[1] += " Think step by step."  # a longer prompt: the others are left-padded
+    inputs = rollout.prompt_inputs(processor, frames, prompts, "cpu")
+    assert len(set(inputs["attention_mask"].sum(1).tolist())) == 2
+    pad = processor.tokenizer.pad_token_id
+    dynamic, static = (rollout.generate(model, inputs, pad, 24, temperature=0, static_cache=s) for s in (False, True))
+    assert torch.equal(dynamic, static)
+
+
+def test_sdpa_attention_matches_eager_with_left_padding(tiny_dir):
+    """The attention kernel a GPU run uses (SDPA, transformers' default) against the reference implementation,
+    on a batch with left-padded prompts and right-padded responses: the same log-probs and values."""
+    args = make_args(tiny_dir)
+    agent, processor = make_agent(args)
+    _, batch = collect(agent, processor, args)
+    inputs, response_ids, mask = rollout.collate(batch.steps[::3] + [batch.steps[1]], processor.tokenizer.pad_token_id,
+                                                 "cpu")
+    inputs["input_ids"] = torch.cat([torch.full_like(inputs["input_ids"][:, :5], processor.tokenizer.pad_token_id),
+                                     inputs["input_ids"]], 1)  # 5 more columns of left padding on every row ...
+    for key in ("attention_mask", "mm_token_type_ids"):
+        inputs[key] = torch.cat([torch.zeros_like(inputs[key][:, :5]), inputs[key]], 1)
+    inputs["input_ids"][0, 5:8] = processor.tokenizer.pad_token_id  # ... and 3 more on the first
+    inputs["attention_mask"][0, 5:8] = 0
+    results = {}
+    for implementation in ("sdpa", "eager"):
+        agent.policy.set_attn_implementation(implementation)
+        with torch.no_grad():
+            results[implementation] = agent.get_logprobs_and_value(inputs, response_ids, mask)
+    assert rollout.base_model(agent.policy).config.get_text_config()._attn_implementation == "eager"
+    for sdpa, eager in zip(results["sdpa"], results["eager"]):
+        torch.testing.assert_close(sdpa, eager, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("lora_r,bf16", [(0, False), (4, False), (0, True), (4, True)])
+def test_first_epoch_ratio_one_and_reference_kl_zero(tiny_dir, lora_r, bf16):
     """Re-scoring the stored steps through collate() (other padding, other batches) gives the rollout's
-    log-probs and values back, and before any update the reference equals the policy (LoRA: B = 0)."""
-    args = make_args(tiny_dir, lora_r=lora_r)
+    log-probs and values back, and before any update the reference equals the policy (LoRA: B = 0). bf16 (the
+    GPU's default, here with the CPU's autocast): bf16 weights, but the trainable ones and Adam's state fp32."""
+    args = make_args(tiny_dir, lora_r=lora_r, bf16=bf16)
     agent, processor = make_agent(args)
     assert isinstance(agent.policy, PeftModel) == (lora_r > 0)
+    dtypes = {p.requires_grad: p.dtype for p in agent.policy.parameters()}
+    assert dtypes == {True: torch.float32, False: torch.bfloat16 if bf16 else torch.float32}
     _, batch = collect(agent, processor, args)
     for index in ([0, 1, 2, 3], [3, 0], [2]):
         steps = [batch.steps[i] for i in index]
@@ -987,6 +1035,7 @@ def test_first_epoch_ratio_one_and_reference_kl_zero(tiny_dir, lora_r):
     stats = vldac.update(agent, optimizer, batch, adv, ret, args, processor.tokenizer)
     assert abs(stats["approx_kl"]) < 1e-9 and abs(stats["old_approx_kl"]) < 1e-5 and stats["clipfrac"] == 0, stats
     assert abs(stats["kl_ref"]) < 1e-6, stats
+    assert all(v.dtype == torch.float32 for state in optimizer.state.values() for v in state.values() if v.dim())
 
 
 def test_value_loss_leaves_backbone_without_gradient(tiny_dir):
@@ -2019,3 +2068,17 @@ def test_quickstart_learns_numberline(tiny_pretrained, tmp_path):
     success = [value for _, value in scalars(run_dir)["charts/success_rate"]]
     assert len(success) == 48, len(success)
     assert np.mean(success[-8:]) >= 0.75, f"no learning: success by iteration {np.round(success, 2).tolist()}"
+
+
+def test_larger_layouts_have_the_published_sizes():
+    """benchmarks/larger_model.py's 2B and 7B layouts, made on the meta device (no memory): the parameter counts
+    of Qwen2-VL-2B-Instruct and Qwen2-VL-7B-Instruct, and a layout's model is born in the dtype asked for."""
+    sys.path.insert(0, str(Path(__file__).parent / "benchmarks"))
+    import larger_model
+
+    processor = larger_model.processor()
+    sizes = {layout: larger_model.build_model(layout, processor, "meta", torch.bfloat16) for layout in ("2b", "7b")}
+    assert {k: sum(p.numel() for p in m.parameters()) for k, m in sizes.items()} == {"2b": 2_208_985_600,
+                                                                                     "7b": 8_291_375_616}
+    assert {p.dtype for m in sizes.values() for p in m.parameters()} == {torch.bfloat16}
+    assert torch.get_default_dtype() == torch.float32

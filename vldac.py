@@ -41,7 +41,14 @@ class Args:
     torch_deterministic: bool = True
     """if toggled, `torch.backends.cudnn.deterministic=True`"""
     cuda: bool = True
-    """if toggled, cuda will be used when available (bf16 weights)"""
+    """if toggled, cuda will be used when available"""
+    bf16: Optional[bool] = None
+    """bf16 weights and bf16 autocast, the TRAINABLE weights and Adam's state kept in fp32 (None: on CUDA only)"""
+    static_cache: Optional[bool] = None
+    """decode with transformers' static KV cache, which it compiles on CUDA (torch.compile + CUDA graphs; the first
+    rollout compiles, about a minute for a 2B model). None: on CUDA with LoRA (a full fine-tune under bf16 autocast
+    has fp32 embeddings, and its eager prefill and compiled decoding steps disagree on the cache's dtype). The
+    log-probs always come from the scoring forward, whichever way the tokens were sampled"""
     track: bool = False
     """if toggled, this experiment will be tracked with Weights and Biases"""
     wandb_project_name: str = "vldac"
@@ -215,8 +222,15 @@ def trajectory_writer(args, run_dir, iteration):
 
 def make_agent(args, device):
     """(Agent, processor) for --model-id (vlm.py: LoRA or full, vision tower frozen; a checkpoint's value head)."""
-    policy, processor = load_policy(args.model_id, device, args.lora_r, args.lora_alpha, args.lora_dropout, args.env_id)
-    agent = Agent(policy, args.temperature, args.value_stop_grad)
+    policy, processor = load_policy(args.model_id, device, args.lora_r, args.lora_alpha, args.lora_dropout, args.env_id,
+                                    args.bf16)
+    static_cache, compiled = args.static_cache, torch.device(device).type == "cuda"  # transformers compiles on CUDA
+    if static_cache is None:
+        static_cache = compiled and isinstance(policy, PeftModel)
+    if static_cache and compiled and args.bf16 is not False and not isinstance(policy, PeftModel):
+        fail("--static-cache True on CUDA needs LoRA (--lora-r > 0) or --bf16 False: in a full fine-tune under bf16 "
+             "autocast the compiled decoding step writes bf16 keys into the prefill's fp32 cache")
+    agent = Agent(policy, args.temperature, args.value_stop_grad, static_cache)
     value_head = Path(model_dir(args.model_id)) / "value_head.pt"
     if value_head.exists():  # starting from a vldac checkpoint
         agent.value_head.load_state_dict(torch.load(value_head, map_location=device))
@@ -226,9 +240,10 @@ def make_agent(args, device):
 class Agent(nn.Module):
     """The VLM policy, its value head, and the KL reference (the adapter disabled, or a frozen copy)."""
 
-    def __init__(self, policy, temperature, value_stop_grad=True):
+    def __init__(self, policy, temperature, value_stop_grad=True, static_cache=False):
         super().__init__()
         self.policy, self.temperature, self.value_stop_grad = policy, temperature, value_stop_grad
+        self.static_cache = static_cache  # how the rollout decodes (rollout.generate)
         hidden = rollout.base_model(policy).config.get_text_config().hidden_size
         width = min(3072, 4 * hidden)  # official head: hidden -> 3072 -> 2048 -> 1; narrower for small models
         self.value_head = nn.Sequential(nn.Linear(hidden, width), nn.ReLU(), nn.Linear(width, width * 2 // 3),
@@ -249,11 +264,13 @@ class Agent(nn.Module):
         full["attention_mask"] = torch.cat([inputs["attention_mask"], token_mask.long()], 1)
         if "mm_token_type_ids" in inputs:  # Qwen2-VL's text (0) / image (1) marks: the response is text
             full["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(response_ids)], 1)
-        return rollout.base_model(model).model(**full, use_cache=False).last_hidden_state
+        with rollout.compute_context(model):  # bf16 autocast where the weights are bf16 (GPU)
+            return rollout.base_model(model).model(**full, use_cache=False).last_hidden_state
 
     def _logprobs(self, model, hidden, response_ids):
         prompt_len = hidden.shape[1] - response_ids.shape[1]
-        logits = rollout.base_model(model).lm_head(hidden[:, prompt_len - 1 : -1])  # (B, R, V): j predicts j + 1
+        with rollout.compute_context(model):
+            logits = rollout.base_model(model).lm_head(hidden[:, prompt_len - 1 : -1])  # (B, R, V): j predicts j + 1
         return token_logprobs(logits, response_ids, self.temperature, self.suppress_token_ids)
 
     def get_logprobs_and_value(self, inputs, response_ids, token_mask, backbone_grad=True):
@@ -269,7 +286,8 @@ class Agent(nn.Module):
 
     def get_value(self, inputs):
         """V(s) from the prompt alone (the hidden state at the last prompt token ignores the response)."""
-        hidden = rollout.base_model(self.policy).model(**inputs, use_cache=False).last_hidden_state  # (B, P, H)
+        with rollout.compute_context(self.policy):
+            hidden = rollout.base_model(self.policy).model(**inputs, use_cache=False).last_hidden_state  # (B, P, H)
         return self.value_head(hidden[:, -1].detach().float()).squeeze(-1)  # (B,)
 
     @torch.no_grad()

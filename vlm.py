@@ -72,13 +72,17 @@ def resolve(model_id, env_id):
     return tiny_vlm.tiny_model_path(tiny_vlm.config_for(env_id)) if model_id == "tiny" else model_dir(model_id)
 
 
-def load_policy(model_id, device="cpu", lora_r=0, lora_alpha=32, lora_dropout=0.0, env_id="gym_cards/NumberLine-v0"):
+def load_policy(model_id, device="cpu", lora_r=0, lora_alpha=32, lora_dropout=0.0, env_id="gym_cards/NumberLine-v0",
+                bf16=None, trainable=True):
     """(model, processor) for `tiny` (the one that reads env_id), a local directory, a hub id, or a vldac
     checkpoint (full weights, or a peft adapter directory whose base is loaded first). The vision tower is
     frozen; with lora_r > 0 a LoRA adapter is put on the language model's projections (a loaded adapter keeps
-    its own)."""
+    its own). bf16 (None: on CUDA) loads the weights in bf16 and keeps the TRAINABLE ones in fp32, so that Adam's
+    steps and moments are not rounded to bf16's 8 bits; forwards then run under rollout.compute_context (autocast).
+    trainable=False (evaluation): every weight frozen and in the loading dtype."""
     path = resolve(model_id, env_id)
-    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    bf16 = torch.device(device).type == "cuda" if bf16 is None else bf16
+    dtype = torch.bfloat16 if bf16 else torch.float32
 
     def local_only(name):  # a local directory, or the hub cache when the hub cannot be reached
         return Path(name).exists() or hub_offline()
@@ -88,15 +92,24 @@ def load_policy(model_id, device="cpu", lora_r=0, lora_alpha=32, lora_dropout=0.
         if (Path(path) / "adapter_config.json").exists():
             base = PeftConfig.from_pretrained(path).base_model_name_or_path
             model = AutoModelForImageTextToText.from_pretrained(base, dtype=dtype, local_files_only=local_only(base))
-            model = PeftModel.from_pretrained(model, path, is_trainable=True)
+            model = PeftModel.from_pretrained(model, path, is_trainable=trainable)
         else:
             model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, local_files_only=local_only(path))
     except (OSError, ValueError) as e:
         fail(f"{why_not_loadable(model_id, e)}; models: `tiny`, a local directory, a run directory or a hub id")
+    return prepare_policy(model, lora_r, lora_alpha, lora_dropout, trainable).to(device), processor
+
+
+def prepare_policy(model, lora_r=0, lora_alpha=32, lora_dropout=0.0, trainable=True):
+    """Freeze the vision tower (everything, if not trainable), add a LoRA adapter (lora_r > 0), and keep the
+    trainable weights in fp32 (fp32 master weights, hence fp32 Adam state, whatever dtype the rest has)."""
     for name, param in model.named_parameters():
-        if any(part in name for part in VISION_TOWER):
+        if not trainable or any(part in name for part in VISION_TOWER):
             param.requires_grad_(False)
-    if lora_r > 0 and not isinstance(model, PeftModel):
+    if trainable and lora_r > 0 and not isinstance(model, PeftModel):
         config = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=LORA_TARGETS)
         model = get_peft_model(model, config)  # only the adapter is trainable
-    return model.to(device), processor
+    for param in model.parameters():
+        if param.requires_grad:  # a no-op when loaded in fp32
+            param.data = param.data.float()
+    return model

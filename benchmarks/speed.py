@@ -16,16 +16,13 @@ batch-1 op wait for a descheduled thread (measured: up to 10x slower); --threads
 Usage: python benchmarks/speed.py [--env-steps 256] [--configs authors ours] [--markdown] [--model 2b]
 """
 import argparse
-import atexit
 import functools
 import json
 import os
 import platform
 import resource
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -44,17 +41,19 @@ parser.add_argument("--configs", nargs="+", default=["authors", "ours", "16:128:
                     help="presets (authors, ours) or ENVS:MINIBATCH:MICRO; ratios are against the first")
 parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
 parser.add_argument("--cuda", action="store_true", help="run on the GPU (bf16, as vldac.py)")
-parser.add_argument("--model", choices=["tiny", "2b"], default="tiny",
-                    help="tiny: the cached tiny model; 2b: the Qwen2-VL-2B layout, random weights, LoRA r16")
-parser.add_argument("--text-layers", type=int, default=2, help="--model 2b: text layers (2B: 28)")
-parser.add_argument("--vision-depth", type=int, default=2, help="--model 2b: vision blocks (2B: 32)")
-parser.add_argument("--full-depth", action="store_true", help="--model 2b: all 28 text layers, 32 vision blocks")
+parser.add_argument("--model", choices=["tiny", "2b", "7b"], default="tiny",
+                    help="tiny: the cached tiny model; 2b / 7b: the Qwen2-VL-2B / 7B-Instruct layout, random weights "
+                         "made in each worker (bf16 on the GPU, never saved), LoRA r16")
+parser.add_argument("--text-layers", type=int, default=2, help="--model 2b/7b: text layers (both: 28)")
+parser.add_argument("--vision-depth", type=int, default=2, help="--model 2b/7b: vision blocks (both: 32)")
+parser.add_argument("--full-depth", action="store_true", help="--model 2b/7b: all 28 text layers, 32 vision blocks")
+parser.add_argument("--static-cache", action=argparse.BooleanOptionalAction, default=None,
+                    help="vldac.py --static-cache (default: on with --cuda, as vldac.py)")
 parser.add_argument("--max-new-tokens", type=int, default=None, help="default: the model's (tiny 48, 2b 256)")
 parser.add_argument("--seed", type=int, default=1, help="seed of envs, sampling and weights")
 parser.add_argument("--env-id", default="gym_cards/NumberLine-v0", help="the env the rollout plays")
 parser.add_argument("--markdown", action="store_true", help="also print a README-ready table")
 parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one configuration, print JSON
-parser.add_argument("--model-path", help=argparse.SUPPRESS)  # internal: the built 2b directory
 
 
 def shape(spec, env_steps):
@@ -75,15 +74,28 @@ def run_worker(a):
 
     num_envs, num_steps, minibatch, micro = shape(a.worker, a.env_steps)
     torch.set_num_threads(a.threads)
-    args = vldac.resolve_args(vldac.Args(
-        model_id=a.model_path or "tiny", env_id=a.env_id, seed=a.seed, cuda=a.cuda, num_envs=num_envs,
+    args = vldac.resolve_args(vldac.Args(  # a layout is no tiny model: the paper's defaults (LoRA r16)
+        model_id="tiny" if a.model == "tiny" else f"{a.model}-layout", env_id=a.env_id, seed=a.seed, cuda=a.cuda,
+        static_cache=a.static_cache, num_envs=num_envs,
         num_steps=num_steps, total_timesteps=num_envs * num_steps, minibatch_size=minibatch,
         micro_batch_size=micro, update_epochs=a.update_epochs, max_new_tokens=a.max_new_tokens))
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     device = torch.device("cuda" if a.cuda and torch.cuda.is_available() else "cpu")
     env_list = [envs.make_env(args.env_id) for _ in range(args.num_envs)]
-    agent, processor = vldac.make_agent(args, device)
+    if a.model == "tiny":
+        agent, processor = vldac.make_agent(args, device)
+    else:  # as vldac.make_agent, from weights made here: bf16 on the GPU (fp32 adapter), fp32 on the CPU
+        import larger_model
+        import vlm
+
+        layers, depth = (28, 32) if a.full_depth else (a.text_layers, a.vision_depth)
+        processor = larger_model.processor()
+        model = larger_model.build_model(a.model, processor, device, torch.bfloat16 if device.type == "cuda"
+                                         else torch.float32, layers, depth)
+        policy = vlm.prepare_policy(model, args.lora_r, args.lora_alpha, args.lora_dropout)
+        static_cache = device.type == "cuda" if args.static_cache is None else args.static_cache
+        agent = vldac.Agent(policy, args.temperature, args.value_stop_grad, static_cache)
     optimizer = torch.optim.Adam([p for p in agent.parameters() if p.requires_grad], lr=args.learning_rate, eps=1e-5)
     runner = rollout.EnvRunner(env_list, args.seed)
     runner.collect(agent, processor, 1, args.temperature, args.max_new_tokens)  # warm-up, not timed
@@ -108,7 +120,18 @@ def run_worker(a):
                     open_calls[-1] += elapsed
         return wrapper
 
-    agent.policy.generate = timed("generate", agent.policy.generate)
+    decode_steps = [0, 0]  # (decoding steps, generate calls): one step per token of the longest answer
+
+    def counted(generate):
+        @functools.wraps(generate)
+        def wrapper(*args, **kwargs):
+            sequences = generate(*args, **kwargs)
+            decode_steps[0] += sequences.shape[1] - kwargs["input_ids"].shape[1]
+            decode_steps[1] += 1
+            return sequences
+        return wrapper
+
+    agent.policy.generate = timed("generate", counted(agent.policy.generate))
     agent.get_logprobs_and_value = timed("scoring forward", agent.get_logprobs_and_value)  # rollout and update
     agent.get_value = timed("scoring forward", agent.get_value)  # bootstrap values of truncated / last states
     agent.get_reference_logprobs = timed("reference forward", agent.get_reference_logprobs)
@@ -138,6 +161,8 @@ def run_worker(a):
         spec=a.worker, num_envs=num_envs, num_steps=num_steps, minibatch=minibatch, micro=micro, seconds=seconds,
         rollout_seconds=rollout_seconds, sps=args.batch_size / seconds, parts={p: totals[p] for p in PARTS},
         response_tokens=batch.response_tokens, max_new_tokens=args.max_new_tokens, lora_r=args.lora_r,
+        ms_per_decode_step=1000 * totals["generate"] / max(1, decode_steps[0]), decode_steps=decode_steps[0],
+        static_cache=agent.static_cache,
         parameters=sum(p.numel() for p in agent.policy.parameters()),
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # KiB on Linux
         peak_gpu_mb=torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
@@ -166,19 +191,13 @@ if __name__ == "__main__":
     if a.worker:
         run_worker(a)
         sys.exit(0)
-    model_path = None
-    if a.model == "2b":  # built once, shared by every configuration's subprocess
-        sys.path.insert(0, str(ROOT / "benchmarks"))
-        import larger_model
-
-        layers, depth = (28, 32) if a.full_depth else (a.text_layers, a.vision_depth)
-        model_path = larger_model.build(Path(tempfile.mkdtemp(prefix="qwen2vl-2b-layout-")), layers, depth)
-        atexit.register(shutil.rmtree, model_path, ignore_errors=True)  # about 1.6 GB at 2 layers
     load_before, results = os.getloadavg()[0], []  # the machine's load: other processes distort the timings
     for spec in a.configs:
         command = [sys.executable, __file__, "--worker", spec, "--env-steps", str(a.env_steps), "--update-epochs",
-                   str(a.update_epochs), "--threads", str(a.threads), "--seed", str(a.seed), "--env-id", a.env_id]
-        command += (["--cuda"] if a.cuda else []) + (["--model-path", str(model_path)] if model_path else [])
+                   str(a.update_epochs), "--threads", str(a.threads), "--seed", str(a.seed), "--env-id", a.env_id,
+                   "--model", a.model, "--text-layers", str(a.text_layers), "--vision-depth", str(a.vision_depth)]
+        command += (["--cuda"] if a.cuda else []) + (["--full-depth"] if a.full_depth else [])
+        command += [] if a.static_cache is None else ["--static-cache" if a.static_cache else "--no-static-cache"]
         command += ["--max-new-tokens", str(a.max_new_tokens)] if a.max_new_tokens else []
         env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads))
         out = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
@@ -192,7 +211,9 @@ if __name__ == "__main__":
         print(f"\n{name(r)}\n  {r['num_envs'] * r['num_steps']} env steps in {r['seconds']:.1f} s "
               f"(rollout {r['rollout_seconds']:.1f} s, update {r['seconds'] - r['rollout_seconds']:.1f} s): "
               f"{r['sps']:.2f} env steps/s, "
-              f"{r['sps'] / results[0]['sps']:.2f}x; {memory}; {r['response_tokens']:.1f} tokens per answer")
+              f"{r['sps'] / results[0]['sps']:.2f}x; {memory}; {r['response_tokens']:.1f} tokens per answer; "
+              f"generate {r['ms_per_decode_step']:.1f} ms per decoding step ({r['decode_steps']} steps, static cache "
+              f"{'on' if r['static_cache'] else 'off'})")
         for part in PARTS:
             print(f"  {part:<22} {r['parts'][part]:8.2f} s {100 * r['parts'][part] / r['seconds']:6.1f} %")
         model = sum(r["parts"][p] for p in MODEL_PARTS)

@@ -1,0 +1,181 @@
+"""Is training on the GPU as healthy as on the CPU? The tiny model's first iterations on NumberLine, per way of
+holding the weights, and the quick start itself (a few minutes on one GPU):
+
+    bf16    every weight in bf16, Adam's state too (what vldac.py did on CUDA before --bf16 kept fp32 weights)
+    mixed   bf16 weights, the TRAINABLE ones and Adam's state in fp32, bf16 autocast (vldac.py's default on CUDA)
+    fp32    every weight in fp32
+
+each with SDPA attention (transformers' default) and eager attention. First, whether generate() samples from the
+distribution that the scoring forward computes (logits compared token by token). Per iteration it prints the first
+epoch's largest |log ratio| (the rollout's scoring forward against the update's re-collated micro-batches: 0 in
+exact arithmetic), kl_ref of the first minibatch (0: the policy is still the reference), then the update's kl_ref,
+parse failures and success. The variants run in parallel subprocesses, the quick start beside them.
+Usage: python benchmarks/gpu_check.py [--iterations 8] [--out DIR] [--quickstart-seconds 240]
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+VARIANTS = ["bf16:sdpa", "bf16:eager", "mixed:sdpa", "mixed:eager", "fp32:sdpa"]
+
+parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser.add_argument("--iterations", type=int, default=8, help="iterations per variant (the first 2: value warm-up)")
+parser.add_argument("--variants", nargs="+", default=VARIANTS, help="PRECISION:ATTENTION pairs")
+parser.add_argument("--seed", type=int, default=1)
+parser.add_argument("--out", default="runs/gpu_check", help="logs and results.json")
+parser.add_argument("--quickstart-seconds", type=int, default=240, help="stop the quick start after this (0: skip)")
+parser.add_argument("--quickstart-args", nargs="*", default=[], help="extra vldac.py flags for the quick start")
+parser.add_argument("--cpu", action="store_true", help="run on the CPU (a check of this script)")
+parser.add_argument("--worker", help=argparse.SUPPRESS)
+
+
+def first_epoch(agent, batch, args, tokenizer):
+    """Before any optimizer step: the update's micro-batches (shuffled, as vldac.update draws them) scored again.
+    Returns (max |log ratio|, mean |log ratio| over tokens, kl_ref of the first minibatch)."""
+    import torch
+
+    import rollout
+    import vldac
+
+    order, worst, total, tokens, kl = torch.randperm(len(batch.steps)), 0.0, 0.0, 0, None
+    with torch.no_grad():
+        for micro in order.split(args.micro_batch_size):
+            index = micro.tolist()
+            inputs, response_ids, token_mask = rollout.collate([batch.steps[i] for i in index], tokenizer.pad_token_id,
+                                                               agent.device)
+            old, ref = (rollout.pad_stack([x[i] for i in index], response_ids.shape[1]).to(agent.device)
+                        for x in (batch.logprobs, batch.ref_logprobs))
+            logprobs, _ = agent.get_logprobs_and_value(inputs, response_ids, token_mask)
+            log_ratio = (logprobs - old)[token_mask].abs()
+            worst, total, tokens = max(worst, log_ratio.max().item()), total + log_ratio.sum().item(), \
+                tokens + log_ratio.numel()
+            if kl is None:
+                kl = vldac.kl_penalty(logprobs, ref, token_mask).item()
+    return worst, total / tokens, kl
+
+
+def sampling_check(agent, processor, runner, args):
+    """Does generate() sample from the distribution the scoring forward scores? One batched generate of the current
+    states with its logits kept, against the scoring forward's logits at the same tokens: the largest difference,
+    and the share of sampled tokens the scoring forward finds unlikely (log-prob < -5; 0.004 on the CPU)."""
+    import torch
+
+    import rollout
+    import vldac
+
+    inputs = rollout.prompt_inputs(processor, runner.frames, [env.prompt() for env in runner.envs], agent.device)
+    with torch.no_grad(), rollout.compute_context(agent.policy):
+        out = agent.policy.generate(**inputs, do_sample=True, temperature=args.temperature, top_k=0, top_p=1.0,
+                                    repetition_penalty=1.0, max_new_tokens=args.max_new_tokens,
+                                    suppress_tokens=agent.suppress_token_ids, eos_token_id=agent.eos_token_ids,
+                                    pad_token_id=processor.tokenizer.pad_token_id, output_logits=True,
+                                    return_dict_in_generate=True)
+    response_ids = out.sequences[:, inputs["input_ids"].shape[1]:]  # (B, R)
+    mask = rollout.response_mask(response_ids, torch.tensor(agent.eos_token_ids, device=agent.device))
+    with torch.no_grad():
+        hidden = agent._hidden(agent.policy, inputs, response_ids, mask)
+        with rollout.compute_context(agent.policy):
+            logits = rollout.base_model(agent.policy).lm_head(hidden[:, inputs["input_ids"].shape[1] - 1 : -1])
+    difference = (torch.stack(out.logits, 1).float() - logits.float()).abs().amax(-1)[mask]  # (tokens,)
+    logprobs = vldac.token_logprobs(logits, response_ids, args.temperature, agent.suppress_token_ids)[mask]
+    return dict(max_logit_difference=difference.max().item(), unlikely_tokens=(logprobs < -5).float().mean().item(),
+                tokens=int(mask.sum()))
+
+
+def run_worker(spec, a):
+    """One variant, in this process: vldac.py's loop for a few iterations, printing one JSON line per iteration."""
+    import numpy as np
+    import torch
+
+    import envs
+    import rollout
+    import vldac
+
+    precision, attention = spec.split(":")
+    torch.set_num_threads(1)  # several variants share the machine's cores
+    device = torch.device("cpu" if a.cpu else "cuda")
+    args = vldac.resolve_args(vldac.Args(seed=a.seed, bf16=precision != "fp32", static_cache=False, cuda=not a.cpu))
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    agent, processor = vldac.make_agent(args, device)
+    models = [agent.policy] + (agent.reference or [])
+    for model in models:
+        if precision == "bf16":
+            model.to(torch.bfloat16)  # every weight, the trainable ones too
+        model.set_attn_implementation(attention)
+    optimizer = torch.optim.Adam([p for p in agent.parameters() if p.requires_grad], lr=args.learning_rate, eps=1e-5)
+    runner = rollout.EnvRunner([envs.make_env(args.env_id) for _ in range(args.num_envs)], args.seed)
+    trainable = {str(p.dtype) for p in agent.policy.parameters() if p.requires_grad}
+    print("RESULT " + json.dumps(dict(variant=spec, iteration=0, **sampling_check(agent, processor, runner, args))),
+          flush=True)
+    for iteration in range(1, a.iterations + 1):
+        start = time.time()
+        optimizer.param_groups[0]["lr"] = vldac.cosine_learning_rate(iteration, args)
+        batch = runner.collect(agent, processor, args.num_steps, args.temperature, args.max_new_tokens)
+        advantages, returns = vldac.compute_gae(batch.rewards, batch.values, batch.terminated, batch.truncated,
+                                                batch.bootstrap_values, batch.last_values, args.gamma, args.gae_lambda)
+        advantages = vldac.normalize_advantages(advantages)
+        worst, mean, kl_first = first_epoch(agent, batch, args, processor.tokenizer)
+        stats = vldac.update(agent, optimizer, batch, advantages, returns, args, processor.tokenizer,
+                             value_warmup=iteration <= args.value_warmup_iters)
+        episodes = batch.episodes
+        print("RESULT " + json.dumps(dict(
+            variant=spec, iteration=iteration, trainable_dtype=sorted(trainable), max_abs_log_ratio=worst,
+            mean_abs_log_ratio=mean, kl_ref_first_minibatch=kl_first, kl_ref=stats["kl_ref"],
+            approx_kl=stats["approx_kl"], clipfrac=stats["clipfrac"],
+            parse_failure_rate=batch.parse_failures / len(batch.steps),
+            success_rate=sum(e["success"] for e in episodes) / len(episodes) if episodes else None,
+            seconds=time.time() - start)), flush=True)
+
+
+if __name__ == "__main__":
+    a = parser.parse_args()
+    if a.worker:
+        run_worker(a.worker, a)
+        sys.exit(0)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    flags = ["--iterations", str(a.iterations), "--seed", str(a.seed)] + (["--cpu"] if a.cpu else [])
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    workers = {spec: subprocess.Popen([sys.executable, __file__, "--worker", spec, *flags], cwd=ROOT, env=env,
+                                      stdout=subprocess.PIPE, stderr=open(out / f"{spec.replace(':', '_')}.err", "w"),
+                                      text=True) for spec in a.variants}
+    quickstart = None
+    if a.quickstart_seconds:  # the README's quick start as a user runs it on a GPU (no evaluation episodes)
+        command = [sys.executable, "vldac.py", "--env-id", "gym_cards/NumberLine-v0", "--eval-episodes", "0",
+                   "--exp-name", "gpu_check", "--seed", str(a.seed), *a.quickstart_args] + (["--no-cuda"] if a.cpu else [])
+        quickstart = subprocess.Popen(["timeout", str(a.quickstart_seconds), *command], cwd=ROOT,
+                                      stdout=open(out / "quickstart.log", "w"), stderr=subprocess.STDOUT)
+    results = []
+    for spec, worker in workers.items():  # each prints everything at the end of its run, so read them in turn
+        output, _ = worker.communicate()
+        for line in output.splitlines():
+            if line.startswith("RESULT "):
+                results.append(json.loads(line[len("RESULT "):]))
+                r = results[-1]
+                if r["iteration"] == 0:
+                    print(f"{spec:<12} sampling: generate's logits vs the scoring forward's: largest difference "
+                          f"{r['max_logit_difference']:.4f}; sampled tokens with log-prob < -5: "
+                          f"{r['unlikely_tokens']:.4f} of {r['tokens']}", flush=True)
+                    continue
+                print(f"{spec:<12} iter {r['iteration']}: max |log ratio| {r['max_abs_log_ratio']:.4f} mean "
+                      f"{r['mean_abs_log_ratio']:.5f} | kl_ref first minibatch {r['kl_ref_first_minibatch']:.5f}, "
+                      f"update {r['kl_ref']:.4f} | clipfrac {r['clipfrac']:.3f} parse_fail "
+                      f"{r['parse_failure_rate']:.2f} success {r['success_rate']} ({r['seconds']:.1f} s)", flush=True)
+        if worker.returncode:
+            print(f"{spec} failed (exit {worker.returncode}); see {out / (spec.replace(':', '_') + '.err')}")
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    if quickstart is not None:
+        quickstart.wait()
+        lines = (out / "quickstart.log").read_text().splitlines()
+        print("quick start (" + ("stopped at the time limit" if quickstart.returncode == 124 else
+                                 f"exit {quickstart.returncode}") + "):\n" + "\n".join(
+            line for line in lines if line.startswith(("iter", "NumberLine", "gym_cards")) or "Error" in line))
+    print(f"{time.time() - start:.0f} s", flush=True)
