@@ -27,7 +27,7 @@ VARIANTS = ["bf16:sdpa", "bf16:eager", "mixed:sdpa", "mixed:eager", "fp32:sdpa"]
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--iterations", type=int, default=8, help="iterations per variant (the first 2: value warm-up)")
 parser.add_argument("--variants", nargs="+", default=VARIANTS, help="PRECISION:ATTENTION pairs")
-parser.add_argument("--seed", type=int, default=1)
+parser.add_argument("--seed", type=int, default=1, help="seed of the variants and the quick start")
 parser.add_argument("--out", default="runs/gpu_check", help="logs and results.json")
 parser.add_argument("--quickstart-seconds", type=int, default=240, help="stop the quick start after this (0: skip)")
 parser.add_argument("--quickstart-args", nargs="*", default=[], help="extra vldac.py flags for the quick start")
