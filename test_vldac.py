@@ -873,6 +873,9 @@ def test_agent_extends_mm_token_type_ids_only_when_given(tiny_dir):
             self.kwargs = kwargs
             return types.SimpleNamespace(last_hidden_state=None)
 
+        def parameters(self):  # no bf16 weights: no autocast (rollout.compute_context)
+            return iter(())
+
     inputs = dict(input_ids=torch.tensor([[5, 6, 7]]), attention_mask=torch.ones(1, 3, dtype=torch.long),
                   mm_token_type_ids=torch.tensor([[0, 1, 0]]))
     response_ids, token_mask = torch.tensor([[8, 9]]), torch.tensor([[True, False]])

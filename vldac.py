@@ -101,9 +101,13 @@ class Args:
     total_timesteps: Optional[int] = None
     """total env steps (paper: 51,200, Table 6; None: the defaults table)"""
     num_envs: Optional[int] = None
-    """parallel envs, one batched generate per env step (the authors' code: 1; None: the defaults table)"""
+    """parallel envs, one batched generate per env step (the authors' code: 1; None: the defaults table). On a GPU a
+    decoding step costs little more for many rows than for one (it is bound by per-step overhead, not arithmetic:
+    docs/gpu.md), so for a fixed rollout size more envs with fewer steps each is faster"""
     num_steps: Optional[int] = None
-    """env steps per env per rollout (the authors' code: 256 steps of 1 env; None: the defaults table)"""
+    """env steps per env per rollout (the authors' code: 256 steps of 1 env; None: the defaults table). The price
+    of few: each env's last steps get GAE advantages that lean on the critic's V(s_T) (bootstrapping) rather than
+    on observed rewards, and an episode longer than num_steps (MiniWorld's: up to 128) spans several rollouts"""
     learning_rate: Optional[float] = None
     """Adam learning rate at the start of the cosine schedule (paper: 5e-5, Table 6; None: the defaults table)"""
     end_learning_rate: Optional[float] = None
