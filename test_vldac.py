@@ -2085,3 +2085,68 @@ def test_larger_layouts_have_the_published_sizes():
                                                                                      "7b": 8_291_375_616}
     assert {p.dtype for m in sizes.values() for p in m.parameters()} == {torch.bfloat16}
     assert torch.get_default_dtype() == torch.float32
+
+
+def tiny_qwen_family(out, family):
+    """A tiny random Qwen2.5-VL or Qwen3-VL (2 text layers, 2 vision blocks) with the tiny model's tokenizer and the
+    family's own processor class, saved like a checkpoint: what a user gets from the hub, in miniature."""
+    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
+                              Qwen2VLImageProcessor, Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor)
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+
+    cfg = tiny_vlm.TinyConfig()
+    base = tiny_vlm.build_processor(cfg, tiny_vlm.tokenizer_corpus(tiny_vlm.StateSampler(cfg.env_ids, 0)))
+    tokenizer = base.tokenizer
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in tiny_vlm.SPECIAL_TOKENS}
+    text = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, eos_token_id=ids["<|im_end|>"],
+                pad_token_id=ids["<|endoftext|>"], bos_token_id=ids["<|endoftext|>"])
+    tokens = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                  vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    vision = dict(depth=2, hidden_size=32, out_hidden_size=64, intermediate_size=64, num_heads=2, spatial_merge_size=2,
+                  temporal_patch_size=2)
+    if family == "qwen2_5_vl":
+        processor = Qwen2_5_VLProcessor(image_processor=base.image_processor, tokenizer=tokenizer,
+                                        video_processor=base.video_processor, chat_template=base.chat_template)
+        model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
+            text_config=dict(**text, rope_parameters={"rope_type": "default", "rope_theta": 1e4,
+                                                      "mrope_section": [2, 3, 3]}),
+            vision_config=dict(**vision, patch_size=14, window_size=56, fullatt_block_indexes=[1]), **tokens))
+    else:  # Qwen3-VL: 16-pixel patches, interleaved M-RoPE, deepstack features
+        side = cfg.image_size
+        image_processor = Qwen2VLImageProcessor(patch_size=16, merge_size=2, temporal_patch_size=2,
+                                                size={"shortest_edge": side * side, "longest_edge": (side + 8) ** 2})
+        processor = Qwen3VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                     video_processor=Qwen3VLVideoProcessor(), chat_template=base.chat_template)
+        model = Qwen3VLForConditionalGeneration(Qwen3VLConfig(
+            text_config=dict(**text, head_dim=16, rope_parameters={"rope_type": "default", "rope_theta": 1e4,
+                                                                   "mrope_section": [2, 3, 3], "mrope_interleaved": True}),
+            vision_config=dict(**vision, patch_size=16, num_position_embeddings=64, deepstack_visual_indexes=[0]),
+            **tokens))
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_other_qwen_families_train(tmp_path, family):
+    """Qwen2.5-VL and Qwen3-VL go through the same code unchanged, on a card game and on MiniWorld (4 frames in
+    one prompt): first-epoch ratio 1, reference KL 0, no vision token sampled, and one update moves the adapter."""
+    model_dir = tiny_qwen_family(tmp_path / family, family)
+    for env_id in (ENV_ID, "MiniWorld-OneRoom-v0"):
+        args = make_args(model_dir, env_id=env_id, lora_r=4)
+        agent, processor = make_agent(args)
+        assert rollout.base_model(agent.policy).config.model_type == family
+        _, batch = collect(agent, processor, args)
+        inputs, response_ids, mask = rollout.collate(batch.steps, processor.tokenizer.pad_token_id, "cpu")
+        old, ref = (rollout.pad_stack(x, response_ids.shape[1]) for x in (batch.logprobs, batch.ref_logprobs))
+        with torch.no_grad():
+            logprobs, _ = agent.get_logprobs_and_value(inputs, response_ids, mask)
+        assert (logprobs - old)[mask].abs().max() < 1e-5 and (ref - old)[mask].abs().max() < 1e-6
+        assert not torch.isin(response_ids[mask], torch.tensor(agent.suppress_token_ids)).any()
+        before = policy_params(agent)
+        adv, ret = gae_of(batch, args)
+        optimizer = torch.optim.Adam([p for p in agent.parameters() if p.requires_grad], lr=1e-2)
+        vldac.update(agent, optimizer, batch, adv, ret, args, processor.tokenizer)
+        moved = {n for n, p in agent.policy.named_parameters() if not torch.equal(p, before[n])}
+        assert moved and all("lora_" in n for n in moved), moved
