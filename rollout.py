@@ -3,7 +3,7 @@
 """What one env step stores, so that the update never runs the processor again:
 
     input_ids, mm_token_type_ids (P_i,)   the prompt exactly as generate() saw it, padding stripped
-    pixel_values (patches_i, D), image_grid_thw (K, 3)
+    pixel_values (patches_i, D), image_grid_thw (K, 3)   Qwen's packed patches; Gemma 3: pixel_values (K, 3, H, W)
     response_ids, logprobs, ref_logprobs (R_i,)   generated tokens through the first end-of-turn token
     value, reward, terminated, truncated, bootstrap_value   (scalars, in (T, N) tensors)
 
@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from peft import PeftModel
 
-SEQUENCE_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids")  # (B, P) processor outputs
+SEQUENCE_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")  # (B, P) processor outputs
+TEXT_MARKS = ("mm_token_type_ids", "token_type_ids")  # text (0) / image (1) per token: Qwen2-VL's, Gemma 3's
 
 
 def user_message(num_images, text):
@@ -53,10 +54,15 @@ def eos_token_ids(model):
     return sorted({*(eos if isinstance(eos, list) else [eos]), model.config.get_text_config().eos_token_id} - {None})
 
 
+VISION_TOKENS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id",  # Qwen
+                 "boi_token_index", "eoi_token_index")  # Gemma 3 (its image_token_id is the soft token)
+
+
 def vision_token_ids(model):
-    """Vision special tokens: never sampled (generated, one would break the next forward pass)."""
+    """Vision special tokens, those of the config's family: never sampled (generated, one would break the next
+    forward pass)."""
     config = base_model(model).config
-    return [config.image_token_id, config.video_token_id, config.vision_start_token_id, config.vision_end_token_id]
+    return sorted({getattr(config, name) for name in VISION_TOKENS if getattr(config, name, None) is not None})
 
 
 def generate(model, inputs, pad_token_id, max_new_tokens, temperature=1.0, static_cache=False):
@@ -87,16 +93,19 @@ def response_mask(response_ids, eos_ids):
 def split_steps(inputs, response_ids, token_mask):
     """A batch of processor outputs + responses -> one dict per row, padding stripped, on the CPU."""
     num_rows = inputs["input_ids"].shape[0]
-    images_per_row = inputs["image_grid_thw"].shape[0] // num_rows  # every env shows K frames
-    grids = inputs["image_grid_thw"].cpu().split(images_per_row)  # N x (K, 3)
-    pixels = inputs["pixel_values"].cpu().split([int(g.prod(-1).sum()) for g in grids])  # N x (patches, D)
+    if "image_grid_thw" in inputs:  # Qwen's packed patches: (all patches, D) with a (t, h, w) grid per image
+        images_per_row = inputs["image_grid_thw"].shape[0] // num_rows  # every env shows K frames
+        grids = inputs["image_grid_thw"].cpu().split(images_per_row)  # N x (K, 3)
+        pixels = inputs["pixel_values"].cpu().split([int(g.prod(-1).sum()) for g in grids])  # N x (patches, D)
+        images = [dict(pixel_values=p, image_grid_thw=g) for p, g in zip(pixels, grids)]
+    else:  # one (3, H, W) image per frame (Gemma 3): (N * K, 3, H, W)
+        images = [dict(pixel_values=p) for p in inputs["pixel_values"].cpu().split(len(inputs["pixel_values"]) // num_rows)]
     prompt_lengths = inputs["attention_mask"].sum(1).tolist()
     response_lengths = token_mask.sum(1).tolist()
     steps = []
     for i in range(num_rows):
         step = {k: inputs[k][i, -prompt_lengths[i]:].cpu() for k in SEQUENCE_KEYS if k in inputs}
-        step.update(pixel_values=pixels[i], image_grid_thw=grids[i],
-                    response_ids=response_ids[i, : response_lengths[i]].cpu())
+        step.update(images[i], response_ids=response_ids[i, : response_lengths[i]].cpu())
         steps.append(step)
     return steps
 
@@ -111,8 +120,9 @@ def collate(steps, pad_token_id, device):
             pad = pad_token_id if key == "input_ids" else 0
             inputs[key] = torch.stack([torch.cat([s[key].new_full((prompt_len - len(s[key]),), pad), s[key]])
                                        for s in steps]).to(device)  # (B, P), left-padded
-    inputs["pixel_values"] = torch.cat([s["pixel_values"] for s in steps]).to(device)  # (patches, D)
-    inputs["image_grid_thw"] = torch.cat([s["image_grid_thw"] for s in steps]).to(device)  # (B * K, 3)
+    for key in ("pixel_values", "image_grid_thw"):  # (patches, D) and (B * K, 3); or (B * K, 3, H, W)
+        if key in steps[0]:
+            inputs[key] = torch.cat([s[key] for s in steps]).to(device)
     response_ids = torch.full((len(steps), response_len), pad_token_id, dtype=torch.long)
     token_mask = torch.zeros((len(steps), response_len), dtype=torch.bool)
     for i, s in enumerate(steps):

@@ -2087,6 +2087,44 @@ def test_larger_layouts_have_the_published_sizes():
     assert torch.get_default_dtype() == torch.float32
 
 
+def tiny_gemma3(out):
+    """A tiny random Gemma 3 (2 text layers, one 28-pixel SigLIP block, 4 soft tokens per image) with its own
+    processor class, a byte-level BPE trained on our prompts with Gemma's special tokens, and Gemma's turn format."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import (Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessor, Gemma3Processor,
+                              PreTrainedTokenizerFast)
+
+    special = ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<end_of_image>",
+               "<image_soft_token>"]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    cfg = tiny_vlm.TinyConfig()
+    bpe.train_from_iterator(tiny_vlm.tokenizer_corpus(tiny_vlm.StateSampler(cfg.env_ids, 0)), trainers.BpeTrainer(
+        vocab_size=900, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<end_of_turn>", pad_token="<pad>",
+                                        bos_token="<bos>", extra_special_tokens={
+                                            "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
+                                            "image_token": "<image_soft_token>"})
+    template = ("{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else "
+                "m['role'] }}\n{% for c in m['content'] %}{% if c['type'] == 'image' %}<start_of_image>{% else %}"
+                "{{ c['text'] }}{% endif %}{% endfor %}<end_of_turn>\n{% endfor %}"
+                "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+    processor = Gemma3Processor(image_processor=Gemma3ImageProcessor(size={"height": 28, "width": 28}),
+                                tokenizer=tokenizer, chat_template=template, image_seq_length=4)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in special}
+    model = Gemma3ForConditionalGeneration(Gemma3Config(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=64,
+                         eos_token_id=ids["<end_of_turn>"], pad_token_id=ids["<pad>"], bos_token_id=ids["<bos>"]),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=28, patch_size=14),
+        mm_tokens_per_image=4, boi_token_index=ids["<start_of_image>"], eoi_token_index=ids["<end_of_image>"],
+        image_token_index=ids["<image_soft_token>"]))
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
 def tiny_qwen_family(out, family):
     """A tiny random Qwen2.5-VL or Qwen3-VL (2 text layers, 2 vision blocks) with the tiny model's tokenizer and the
     family's own processor class, saved like a checkpoint: what a user gets from the hub, in miniature."""
@@ -2128,15 +2166,17 @@ def tiny_qwen_family(out, family):
     return out
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
-def test_other_qwen_families_train(tmp_path, family):
-    """Qwen2.5-VL and Qwen3-VL go through the same code unchanged, on a card game and on MiniWorld (4 frames in
-    one prompt): first-epoch ratio 1, reference KL 0, no vision token sampled, and one update moves the adapter."""
-    model_dir = tiny_qwen_family(tmp_path / family, family)
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "gemma3"])
+def test_other_families_train(tmp_path, family):
+    """Qwen2.5-VL, Qwen3-VL and Gemma 3 (one (3, H, W) image per frame, token_type_ids) go through the same code,
+    on a card game and on MiniWorld (4 frames in one prompt): first-epoch ratio 1, reference KL 0, no vision token
+    sampled, and one update moves the adapter alone."""
+    model_dir = tiny_gemma3(tmp_path / family) if family == "gemma3" else tiny_qwen_family(tmp_path / family, family)
     for env_id in (ENV_ID, "MiniWorld-OneRoom-v0"):
         args = make_args(model_dir, env_id=env_id, lora_r=4)
         agent, processor = make_agent(args)
         assert rollout.base_model(agent.policy).config.model_type == family
+        assert len(agent.suppress_token_ids) == (3 if family == "gemma3" else 4)  # Gemma 3: soft token, boi, eoi
         _, batch = collect(agent, processor, args)
         inputs, response_ids, mask = rollout.collate(batch.steps, processor.tokenizer.pad_token_id, "cpu")
         old, ref = (rollout.pad_stack(x, response_ids.shape[1]) for x in (batch.logprobs, batch.ref_logprobs))

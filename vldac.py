@@ -266,8 +266,9 @@ class Agent(nn.Module):
         full = dict(inputs)
         full["input_ids"] = torch.cat([inputs["input_ids"], response_ids], 1)  # (B, P + R)
         full["attention_mask"] = torch.cat([inputs["attention_mask"], token_mask.long()], 1)
-        if "mm_token_type_ids" in inputs:  # Qwen2-VL's text (0) / image (1) marks: the response is text
-            full["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(response_ids)], 1)
+        for key in rollout.TEXT_MARKS:  # text (0) / image (1) marks, if the family has them: the response is text
+            if key in inputs:
+                full[key] = torch.cat([inputs[key], torch.zeros_like(response_ids)], 1)
         with rollout.compute_context(model):  # bf16 autocast where the weights are bf16 (GPU)
             return rollout.base_model(model).model(**full, use_cache=False).last_hidden_state
 
