@@ -2190,3 +2190,5 @@ def test_other_families_train(tmp_path, family):
         vldac.update(agent, optimizer, batch, adv, ret, args, processor.tokenizer)
         moved = {n for n, p in agent.policy.named_parameters() if not torch.equal(p, before[n])}
         assert moved and all("lora_" in n for n in moved), moved
+    record = evaluate.evaluate(agent.policy, processor, ENV_ID, num_episodes=2, num_envs=2, max_new_tokens=6)
+    assert len(record["episodes"]) == 2 and record["length_mean"] >= 1, record  # evaluate.py plays it too
