@@ -3,7 +3,7 @@
 """What one env step stores, so that the update never runs the processor again:
 
     input_ids, mm_token_type_ids (P_i,)   the prompt exactly as generate() saw it, padding stripped
-    pixel_values (patches_i, D), image_grid_thw (K, 3)   Qwen's packed patches; Gemma 3: pixel_values (K, 3, H, W)
+    pixel_values (patches_i, D), image_grid_thw (K, 3)   Qwen's packed patches; else pixel_values (K', 3, H, W)
     response_ids, logprobs, ref_logprobs (R_i,)   generated tokens through the first end-of-turn token
     value, reward, terminated, truncated, bootstrap_value   (scalars, in (T, N) tensors)
 
@@ -98,7 +98,8 @@ def split_steps(inputs, response_ids, token_mask):
         grids = inputs["image_grid_thw"].cpu().split(images_per_row)  # N x (K, 3)
         pixels = inputs["pixel_values"].cpu().split([int(g.prod(-1).sum()) for g in grids])  # N x (patches, D)
         images = [dict(pixel_values=p, image_grid_thw=g) for p, g in zip(pixels, grids)]
-    else:  # one (3, H, W) image per frame (Gemma 3): (N * K, 3, H, W)
+    else:  # (3, H, W) images: one per frame (Gemma 3) or per tile (InternVL; an env's frames share one size,
+        # so every row has as many), (N * K', 3, H, W)
         images = [dict(pixel_values=p) for p in inputs["pixel_values"].cpu().split(len(inputs["pixel_values"]) // num_rows)]
     prompt_lengths = inputs["attention_mask"].sum(1).tolist()
     response_lengths = token_mask.sum(1).tolist()

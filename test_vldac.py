@@ -2087,24 +2087,59 @@ def test_larger_layouts_have_the_published_sizes():
     assert torch.get_default_dtype() == torch.float32
 
 
-def tiny_gemma3(out):
-    """A tiny random Gemma 3 (2 text layers, one 28-pixel SigLIP block, 4 soft tokens per image) with its own
-    processor class, a byte-level BPE trained on our prompts with Gemma's special tokens, and Gemma's turn format."""
+def tiny_bpe(special, **named):
+    """A byte-level BPE trained on our prompts and answers with the given special tokens, as a fast tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import (Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessor, Gemma3Processor,
-                              PreTrainedTokenizerFast)
+    from transformers import PreTrainedTokenizerFast
 
-    special = ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<end_of_image>",
-               "<image_soft_token>"]
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
     cfg = tiny_vlm.TinyConfig()
     bpe.train_from_iterator(tiny_vlm.tokenizer_corpus(tiny_vlm.StateSampler(cfg.env_ids, 0)), trainers.BpeTrainer(
         vocab_size=900, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<end_of_turn>", pad_token="<pad>",
-                                        bos_token="<bos>", extra_special_tokens={
-                                            "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
-                                            "image_token": "<image_soft_token>"})
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, **named)
+
+
+def tiny_internvl(out):
+    """A tiny random InternVL (2 Qwen2 text layers, one 28-pixel vision block, frames cut into tiles, one token per
+    tile) with its own processor class and ChatML turns."""
+    from transformers import (GotOcr2ImageProcessor, InternVLConfig, InternVLForConditionalGeneration,
+                              InternVLProcessor)
+    from transformers.models.internvl.video_processing_internvl import InternVLVideoProcessor
+
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>"]
+    tokenizer = tiny_bpe(special, eos_token="<|im_end|>", pad_token="<|endoftext|>", extra_special_tokens={
+        "start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
+        "video_token": "<video>"})
+    template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% for c in m['content'] %}{% if c['type'] == "
+                "'image' %}<IMG_CONTEXT>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endfor %}"
+                "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    processor = InternVLProcessor(image_processor=GotOcr2ImageProcessor(size={"height": 28, "width": 28}),
+                                  tokenizer=tokenizer, video_processor=InternVLVideoProcessor(), image_seq_length=1,
+                                  chat_template=template)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in special}
+    model = InternVLForConditionalGeneration(InternVLConfig(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=[28, 28], patch_size=[14, 14]),
+        text_config=dict(model_type="qwen2", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+                         bos_token_id=ids["<|endoftext|>"]),
+        image_token_id=ids["<IMG_CONTEXT>"], downsample_ratio=0.5))
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+def tiny_gemma3(out):
+    """A tiny random Gemma 3 (2 text layers, one 28-pixel SigLIP block, 4 soft tokens per image) with its own
+    processor class, a byte-level BPE trained on our prompts with Gemma's special tokens, and Gemma's turn format."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessor, Gemma3Processor
+
+    special = ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<end_of_image>",
+               "<image_soft_token>"]
+    tokenizer = tiny_bpe(special, eos_token="<end_of_turn>", pad_token="<pad>", bos_token="<bos>", extra_special_tokens={
+        "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"})
     template = ("{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else "
                 "m['role'] }}\n{% for c in m['content'] %}{% if c['type'] == 'image' %}<start_of_image>{% else %}"
                 "{{ c['text'] }}{% endif %}{% endfor %}<end_of_turn>\n{% endfor %}"
@@ -2166,17 +2201,18 @@ def tiny_qwen_family(out, family):
     return out
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "gemma3"])
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "gemma3", "internvl"])
 def test_other_families_train(tmp_path, family):
-    """Qwen2.5-VL, Qwen3-VL and Gemma 3 (one (3, H, W) image per frame, token_type_ids) go through the same code,
-    on a card game and on MiniWorld (4 frames in one prompt): first-epoch ratio 1, reference KL 0, no vision token
-    sampled, and one update moves the adapter alone."""
-    model_dir = tiny_gemma3(tmp_path / family) if family == "gemma3" else tiny_qwen_family(tmp_path / family, family)
+    """Qwen2.5-VL, Qwen3-VL, Gemma 3 (one (3, H, W) image per frame, token_type_ids) and InternVL (each frame cut
+    into tiles) go through the same code, on a card game and on MiniWorld (4 frames in one prompt): first-epoch
+    ratio 1, reference KL 0, no vision token sampled, one update moves the adapter alone; evaluate.py plays."""
+    build = dict(gemma3=tiny_gemma3, internvl=tiny_internvl).get(family, lambda out: tiny_qwen_family(out, family))
+    model_dir = build(tmp_path / family)
     for env_id in (ENV_ID, "MiniWorld-OneRoom-v0"):
         args = make_args(model_dir, env_id=env_id, lora_r=4)
         agent, processor = make_agent(args)
         assert rollout.base_model(agent.policy).config.model_type == family
-        assert len(agent.suppress_token_ids) == (3 if family == "gemma3" else 4)  # Gemma 3: soft token, boi, eoi
+        assert len(agent.suppress_token_ids) == dict(gemma3=3, internvl=1).get(family, 4)  # the config's fields
         _, batch = collect(agent, processor, args)
         inputs, response_ids, mask = rollout.collate(batch.steps, processor.tokenizer.pad_token_id, "cpu")
         old, ref = (rollout.pad_stack(x, response_ids.shape[1]) for x in (batch.logprobs, batch.ref_logprobs))
