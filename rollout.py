@@ -100,7 +100,8 @@ def split_steps(inputs, response_ids, token_mask):
         images = [dict(pixel_values=p, image_grid_thw=g) for p, g in zip(pixels, grids)]
     else:  # (3, H, W) images: one per frame (Gemma 3) or per tile (InternVL; an env's frames share one size,
         # so every row has as many), (N * K', 3, H, W)
-        images = [dict(pixel_values=p) for p in inputs["pixel_values"].cpu().split(len(inputs["pixel_values"]) // num_rows)]
+        per_row = len(inputs["pixel_values"]) // num_rows
+        images = [dict(pixel_values=p) for p in inputs["pixel_values"].cpu().split(per_row)]
     prompt_lengths = inputs["attention_mask"].sum(1).tolist()
     response_lengths = token_mask.sum(1).tolist()
     steps = []
