@@ -91,17 +91,20 @@ def response_mask(response_ids, eos_ids):
 
 
 def split_steps(inputs, response_ids, token_mask):
-    """A batch of processor outputs + responses -> one dict per row, padding stripped, on the CPU."""
+    """A batch of processor outputs + responses -> one dict per row, padding stripped, on the CPU. Image inputs:
+    Qwen's packed patches split by each image's (t, h, w) grid; any other per-image or per-row tensor (Gemma 3's
+    frames, InternVL's tiles, LLaVA-OneVision's crops and image sizes) split evenly, since every row shows the same
+    number of frames of one size."""
     num_rows = inputs["input_ids"].shape[0]
-    if "image_grid_thw" in inputs:  # Qwen's packed patches: (all patches, D) with a (t, h, w) grid per image
+    images = [{} for _ in range(num_rows)]
+    if "image_grid_thw" in inputs:  # (all patches, D) with a (t, h, w) grid per image
         images_per_row = inputs["image_grid_thw"].shape[0] // num_rows  # every env shows K frames
         grids = inputs["image_grid_thw"].cpu().split(images_per_row)  # N x (K, 3)
         pixels = inputs["pixel_values"].cpu().split([int(g.prod(-1).sum()) for g in grids])  # N x (patches, D)
         images = [dict(pixel_values=p, image_grid_thw=g) for p, g in zip(pixels, grids)]
-    else:  # (3, H, W) images: one per frame (Gemma 3) or per tile (InternVL; an env's frames share one size,
-        # so every row has as many), (N * K', 3, H, W)
-        per_row = len(inputs["pixel_values"]) // num_rows
-        images = [dict(pixel_values=p) for p in inputs["pixel_values"].cpu().split(per_row)]
+    for key in inputs.keys() - SEQUENCE_KEYS - images[0].keys():  # (N * K', ...) -> N x (K', ...)
+        for image, part in zip(images, inputs[key].cpu().split(len(inputs[key]) // num_rows)):
+            image[key] = part
     prompt_lengths = inputs["attention_mask"].sum(1).tolist()
     response_lengths = token_mask.sum(1).tolist()
     steps = []
@@ -122,9 +125,8 @@ def collate(steps, pad_token_id, device):
             pad = pad_token_id if key == "input_ids" else 0
             inputs[key] = torch.stack([torch.cat([s[key].new_full((prompt_len - len(s[key]),), pad), s[key]])
                                        for s in steps]).to(device)  # (B, P), left-padded
-    for key in ("pixel_values", "image_grid_thw"):  # (patches, D) and (B * K, 3); or (B * K, 3, H, W)
-        if key in steps[0]:
-            inputs[key] = torch.cat([s[key] for s in steps]).to(device)
+    for key in steps[0].keys() - SEQUENCE_KEYS - {"response_ids"}:  # images: Qwen (patches, D), (B * K, 3); others
+        inputs[key] = torch.cat([s[key] for s in steps]).to(device)
     response_ids = torch.full((len(steps), response_len), pad_token_id, dtype=torch.long)
     token_mask = torch.zeros((len(steps), response_len), dtype=torch.bool)
     for i, s in enumerate(steps):

@@ -2131,6 +2131,40 @@ def tiny_internvl(out):
     return out
 
 
+def tiny_llava_onevision(out):
+    """A tiny random LLaVA-OneVision (2 Qwen2 text layers, one 28-pixel SigLIP block, any-resolution crops on a
+    28-pixel grid) with its own processor class and ChatML turns."""
+    from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration,
+                              LlavaOnevisionImageProcessor, LlavaOnevisionProcessor)
+    from transformers.models.llava_onevision.video_processing_llava_onevision import LlavaOnevisionVideoProcessor
+
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]
+    tokenizer = tiny_bpe(special, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                         extra_special_tokens={"image_token": "<image>", "video_token": "<video>"})
+    template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% for c in m['content'] %}{% if c['type'] == "
+                "'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endfor %}"
+                "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    grid = [[28, 28], [28, 56], [56, 28], [56, 56]]
+    image_processor = LlavaOnevisionImageProcessor(size={"height": 28, "width": 28}, image_grid_pinpoints=grid,
+                                                   crop_size={"height": 28, "width": 28})
+    processor = LlavaOnevisionProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                        video_processor=LlavaOnevisionVideoProcessor(), num_image_tokens=4,
+                                        vision_feature_select_strategy="full", chat_template=template)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in special}
+    model = LlavaOnevisionForConditionalGeneration(LlavaOnevisionConfig(
+        vision_config=dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64,
+                           num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14),
+        text_config=dict(model_type="qwen2", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+                         bos_token_id=ids["<|endoftext|>"]),
+        image_token_index=ids["<image>"], video_token_index=ids["<video>"], vision_feature_select_strategy="full",
+        vision_feature_layer=-1, image_grid_pinpoints=grid))
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
 def tiny_gemma3(out):
     """A tiny random Gemma 3 (2 text layers, one 28-pixel SigLIP block, 4 soft tokens per image) with its own
     processor class, a byte-level BPE trained on our prompts with Gemma's special tokens, and Gemma's turn format."""
@@ -2201,18 +2235,20 @@ def tiny_qwen_family(out, family):
     return out
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "gemma3", "internvl"])
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "gemma3", "internvl", "llava_onevision"])
 def test_other_families_train(tmp_path, family):
-    """Qwen2.5-VL, Qwen3-VL, Gemma 3 (one (3, H, W) image per frame, token_type_ids) and InternVL (each frame cut
-    into tiles) go through the same code, on a card game and on MiniWorld (4 frames in one prompt): first-epoch
-    ratio 1, reference KL 0, no vision token sampled, one update moves the adapter alone; evaluate.py plays."""
-    build = dict(gemma3=tiny_gemma3, internvl=tiny_internvl).get(family, lambda out: tiny_qwen_family(out, family))
+    """Qwen2.5-VL, Qwen3-VL, Gemma 3 (one (3, H, W) image per frame, token_type_ids), InternVL (each frame cut into
+    tiles) and LLaVA-OneVision (crops, image sizes, images per row) go through the same code, on a card game and on
+    MiniWorld (4 frames in one prompt): first-epoch ratio 1, reference KL 0, no vision token sampled, one update
+    moves the adapter alone; evaluate.py plays."""
+    build = dict(gemma3=tiny_gemma3, internvl=tiny_internvl, llava_onevision=tiny_llava_onevision).get(
+        family, lambda out: tiny_qwen_family(out, family))
     model_dir = build(tmp_path / family)
     for env_id in (ENV_ID, "MiniWorld-OneRoom-v0"):
         args = make_args(model_dir, env_id=env_id, lora_r=4)
         agent, processor = make_agent(args)
         assert rollout.base_model(agent.policy).config.model_type == family
-        assert len(agent.suppress_token_ids) == dict(gemma3=3, internvl=1).get(family, 4)  # the config's fields
+        assert len(agent.suppress_token_ids) == dict(gemma3=3, internvl=1, llava_onevision=2).get(family, 4)
         _, batch = collect(agent, processor, args)
         inputs, response_ids, mask = rollout.collate(batch.steps, processor.tokenizer.pad_token_id, "cpu")
         old, ref = (rollout.pad_stack(x, response_ids.shape[1]) for x in (batch.logprobs, batch.ref_logprobs))
