@@ -2165,6 +2165,37 @@ def tiny_llava_onevision(out):
     return out
 
 
+def tiny_smolvlm(out):
+    """A tiny random SmolVLM (2 Llama text layers, one 28-pixel vision block, no image splitting) with its own
+    processor class (it needs num2words) and SmolVLM's turn format."""
+    from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration, SmolVLMImageProcessor, SmolVLMProcessor
+    from transformers.models.smolvlm.video_processing_smolvlm import SmolVLMVideoProcessor
+
+    special = ["<|endoftext|>", "<end_of_utterance>", "<fake_token_around_image>", "<image>", "<global-img>", "<video>"]
+    tokenizer = tiny_bpe(special, eos_token="<end_of_utterance>", pad_token="<|endoftext|>", extra_special_tokens={
+        "fake_image_token": "<fake_token_around_image>", "image_token": "<image>",
+        "end_of_utterance_token": "<end_of_utterance>", "global_image_token": "<global-img>", "video_token": "<video>"})
+    template = ("{% for m in messages %}{{ m['role'] | capitalize }}:{% for c in m['content'] %}{% if c['type'] == "
+                "'image' %}<image>{% else %}{{ c['text'] }}{% endif %}{% endfor %}<end_of_utterance>\n{% endfor %}"
+                "{% if add_generation_prompt %}Assistant:{% endif %}")
+    image_processor = SmolVLMImageProcessor(do_image_splitting=False, size={"longest_edge": 28},
+                                            max_image_size={"longest_edge": 28})
+    processor = SmolVLMProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                 video_processor=SmolVLMVideoProcessor(), image_seq_len=1, chat_template=template)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in special}
+    model = SmolVLMForConditionalGeneration(SmolVLMConfig(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=28, patch_size=14),
+        text_config=dict(model_type="llama", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         eos_token_id=ids["<end_of_utterance>"], pad_token_id=ids["<|endoftext|>"],
+                         bos_token_id=ids["<|endoftext|>"]),
+        image_token_id=ids["<image>"], scale_factor=2))
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
 def tiny_gemma3(out):
     """A tiny random Gemma 3 (2 text layers, one 28-pixel SigLIP block, 4 soft tokens per image) with its own
     processor class, a byte-level BPE trained on our prompts with Gemma's special tokens, and Gemma's turn format."""
@@ -2235,20 +2266,25 @@ def tiny_qwen_family(out, family):
     return out
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "gemma3", "internvl", "llava_onevision"])
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "gemma3", "internvl", "llava_onevision", "smolvlm"])
 def test_other_families_train(tmp_path, family):
     """Qwen2.5-VL, Qwen3-VL, Gemma 3 (one (3, H, W) image per frame, token_type_ids), InternVL (each frame cut into
-    tiles) and LLaVA-OneVision (crops, image sizes, images per row) go through the same code, on a card game and on
-    MiniWorld (4 frames in one prompt): first-epoch ratio 1, reference KL 0, no vision token sampled, one update
-    moves the adapter alone; evaluate.py plays."""
-    build = dict(gemma3=tiny_gemma3, internvl=tiny_internvl, llava_onevision=tiny_llava_onevision).get(
-        family, lambda out: tiny_qwen_family(out, family))
+    tiles), LLaVA-OneVision (crops, image sizes, images per row) and SmolVLM (text_model, a padded image stack) go
+    through the same code, on a card game and on MiniWorld (4 frames in one prompt): a full fine-tune trains the
+    language model alone; with LoRA, first-epoch ratio 1, reference KL 0, no vision token sampled, one update moves
+    the adapter alone; evaluate.py plays."""
+    build = dict(gemma3=tiny_gemma3, internvl=tiny_internvl, llava_onevision=tiny_llava_onevision,
+                 smolvlm=tiny_smolvlm).get(family, lambda out: tiny_qwen_family(out, family))
     model_dir = build(tmp_path / family)
+    policy, _ = vlm.load_policy(str(model_dir), "cpu")  # full fine-tune: the vision tower and projector frozen
+    trainable = [n for n, p in policy.named_parameters() if p.requires_grad]
+    assert trainable and all("language_model" in n or "text_model" in n or n.startswith("lm_head") for n in trainable)
+    assert any("vision" in n or "visual" in n for n, _ in policy.named_parameters())  # there was a tower to freeze
     for env_id in (ENV_ID, "MiniWorld-OneRoom-v0"):
         args = make_args(model_dir, env_id=env_id, lora_r=4)
         agent, processor = make_agent(args)
         assert rollout.base_model(agent.policy).config.model_type == family
-        assert len(agent.suppress_token_ids) == dict(gemma3=3, internvl=1, llava_onevision=2).get(family, 4)
+        assert len(agent.suppress_token_ids) == dict(gemma3=3, internvl=1, llava_onevision=2, smolvlm=1).get(family, 4)
         _, batch = collect(agent, processor, args)
         inputs, response_ids, mask = rollout.collate(batch.steps, processor.tokenizer.pad_token_id, "cpu")
         old, ref = (rollout.pad_stack(x, response_ids.shape[1]) for x in (batch.logprobs, batch.ref_logprobs))

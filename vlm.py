@@ -14,8 +14,12 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import tiny_vlm
 
-LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
-VISION_TOWER = ("visual", "vision_tower", "multi_modal_projector")  # parameter-name parts, frozen always
+# Per family, where transformers names them: the language model (LoRA's targets) is `language_model` (Qwen, Gemma,
+# InternVL, LLaVA) or `text_model` (SmolVLM); the vision tower and its projector, frozen always, are `visual` (Qwen),
+# `vision_tower` + `multi_modal_projector` (Gemma 3, InternVL, LLaVA; LLaVA-OneVision's `image_newline` too) or
+# `vision_model` + `connector` (SmolVLM).
+LORA_TARGETS = r".*(language_model|text_model).*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+VISION_TOWER = ("visual", "vision_tower", "multi_modal_projector", "image_newline", "vision_model", "connector")
 
 
 def fail(message):
