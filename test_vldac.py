@@ -2100,6 +2100,23 @@ def tiny_bpe(special, **named):
     return PreTrainedTokenizerFast(tokenizer_object=bpe, **named)
 
 
+def tiny_text(tokenizer, eos, pad, **more):
+    """The text config of every tiny family test model: 2 layers, 64 wide, 4 heads (2 KV heads)."""
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in (eos, pad)}
+    return dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, eos_token_id=ids[eos], pad_token_id=ids[pad],
+                bos_token_id=ids[pad], **more)
+
+
+TINY_TOWER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)  # one ViT block
+
+
+def saved(out, model, processor):
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
 def tiny_internvl(out):
     """A tiny random InternVL (2 Qwen2 text layers, one 28-pixel vision block, frames cut into tiles, one token per
     tile) with its own processor class and ChatML turns."""
@@ -2117,18 +2134,11 @@ def tiny_internvl(out):
     processor = InternVLProcessor(image_processor=GotOcr2ImageProcessor(size={"height": 28, "width": 28}),
                                   tokenizer=tokenizer, video_processor=InternVLVideoProcessor(), image_seq_length=1,
                                   chat_template=template)
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in special}
     model = InternVLForConditionalGeneration(InternVLConfig(
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=[28, 28], patch_size=[14, 14]),
-        text_config=dict(model_type="qwen2", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
-                         bos_token_id=ids["<|endoftext|>"]),
-        image_token_id=ids["<IMG_CONTEXT>"], downsample_ratio=0.5))
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    return out
+        vision_config=dict(**TINY_TOWER, image_size=[28, 28], patch_size=[14, 14]),
+        text_config=tiny_text(tokenizer, "<|im_end|>", "<|endoftext|>", model_type="qwen2"),
+        image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"), downsample_ratio=0.5))
+    return saved(out, model, processor)
 
 
 def tiny_llava_onevision(out):
@@ -2152,17 +2162,11 @@ def tiny_llava_onevision(out):
                                         vision_feature_select_strategy="full", chat_template=template)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in special}
     model = LlavaOnevisionForConditionalGeneration(LlavaOnevisionConfig(
-        vision_config=dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64,
-                           num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14),
-        text_config=dict(model_type="qwen2", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
-                         bos_token_id=ids["<|endoftext|>"]),
+        vision_config=dict(**TINY_TOWER, model_type="siglip_vision_model", image_size=28, patch_size=14),
+        text_config=tiny_text(tokenizer, "<|im_end|>", "<|endoftext|>", model_type="qwen2"),
         image_token_index=ids["<image>"], video_token_index=ids["<video>"], vision_feature_select_strategy="full",
         vision_feature_layer=-1, image_grid_pinpoints=grid))
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    return out
+    return saved(out, model, processor)
 
 
 def tiny_smolvlm(out):
@@ -2182,18 +2186,11 @@ def tiny_smolvlm(out):
                                             max_image_size={"longest_edge": 28})
     processor = SmolVLMProcessor(image_processor=image_processor, tokenizer=tokenizer,
                                  video_processor=SmolVLMVideoProcessor(), image_seq_len=1, chat_template=template)
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in special}
     model = SmolVLMForConditionalGeneration(SmolVLMConfig(
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=28, patch_size=14),
-        text_config=dict(model_type="llama", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         eos_token_id=ids["<end_of_utterance>"], pad_token_id=ids["<|endoftext|>"],
-                         bos_token_id=ids["<|endoftext|>"]),
-        image_token_id=ids["<image>"], scale_factor=2))
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    return out
+        vision_config=dict(**TINY_TOWER, image_size=28, patch_size=14),
+        text_config=tiny_text(tokenizer, "<end_of_utterance>", "<|endoftext|>", model_type="llama"),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"), scale_factor=2))
+    return saved(out, model, processor)
 
 
 def tiny_gemma3(out):
@@ -2213,16 +2210,11 @@ def tiny_gemma3(out):
                                 tokenizer=tokenizer, chat_template=template, image_seq_length=4)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in special}
     model = Gemma3ForConditionalGeneration(Gemma3Config(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=64,
-                         eos_token_id=ids["<end_of_turn>"], pad_token_id=ids["<pad>"], bos_token_id=ids["<bos>"]),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=28, patch_size=14),
+        text_config=tiny_text(tokenizer, "<end_of_turn>", "<pad>", head_dim=16, sliding_window=64),
+        vision_config=dict(**TINY_TOWER, image_size=28, patch_size=14),
         mm_tokens_per_image=4, boi_token_index=ids["<start_of_image>"], eoi_token_index=ids["<end_of_image>"],
         image_token_index=ids["<image_soft_token>"]))
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    return out
+    return saved(out, model, processor)
 
 
 def tiny_qwen_family(out, family):
@@ -2236,9 +2228,7 @@ def tiny_qwen_family(out, family):
     base = tiny_vlm.build_processor(cfg, tiny_vlm.tokenizer_corpus(tiny_vlm.StateSampler(cfg.env_ids, 0)))
     tokenizer = base.tokenizer
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in tiny_vlm.SPECIAL_TOKENS}
-    text = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, eos_token_id=ids["<|im_end|>"],
-                pad_token_id=ids["<|endoftext|>"], bos_token_id=ids["<|endoftext|>"])
+    text = tiny_text(tokenizer, "<|im_end|>", "<|endoftext|>")
     tokens = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
                   vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
     vision = dict(depth=2, hidden_size=32, out_hidden_size=64, intermediate_size=64, num_heads=2, spatial_merge_size=2,
@@ -2261,9 +2251,7 @@ def tiny_qwen_family(out, family):
                                                                    "mrope_section": [2, 3, 3], "mrope_interleaved": True}),
             vision_config=dict(**vision, patch_size=16, num_position_embeddings=64, deepstack_visual_indexes=[0]),
             **tokens))
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    return out
+    return saved(out, model, processor)
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "gemma3", "internvl", "llava_onevision", "smolvlm"])
