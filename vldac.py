@@ -29,7 +29,7 @@ import envs
 import evaluate
 import rollout
 from distributed import RANK, WORLD_SIZE
-from vlm import fail, is_tiny, load_policy, model_dir
+from vlm import fail, is_tiny, load_policy, model_dir, prepare_policy
 
 
 @dataclass
@@ -224,10 +224,14 @@ def trajectory_writer(args, run_dir, iteration):
     return evaluate.Trajectories(run_dir / "trajectories" / f"iter{iteration}", args.env_id)
 
 
-def make_agent(args, device):
-    """(Agent, processor) for --model-id (vlm.py: LoRA or full, vision tower frozen; a checkpoint's value head)."""
-    policy, processor = load_policy(args.model_id, device, args.lora_r, args.lora_alpha, args.lora_dropout, args.env_id,
-                                    args.bf16)
+def make_agent(args, device, built=None):
+    """(Agent, processor) for --model-id (vlm.py: LoRA or full, vision tower frozen; a checkpoint's value head).
+    built: a (model, processor) made elsewhere, on device (benchmarks' random layouts), prepared the same way."""
+    if built is None:
+        policy, processor = load_policy(args.model_id, device, args.lora_r, args.lora_alpha, args.lora_dropout,
+                                        args.env_id, args.bf16)
+    else:
+        policy, processor = prepare_policy(built[0], args.lora_r, args.lora_alpha, args.lora_dropout), built[1]
     static_cache, compiled = args.static_cache, torch.device(device).type == "cuda"  # transformers compiles on CUDA
     if static_cache is None:
         static_cache = compiled and isinstance(policy, PeftModel)

@@ -48,7 +48,7 @@ parser.add_argument("--text-layers", type=int, default=2, help="--model 2b/7b: t
 parser.add_argument("--vision-depth", type=int, default=2, help="--model 2b/7b: vision blocks (both: 32)")
 parser.add_argument("--full-depth", action="store_true", help="--model 2b/7b: all 28 text layers, 32 vision blocks")
 parser.add_argument("--static-cache", action=argparse.BooleanOptionalAction, default=None,
-                    help="vldac.py --static-cache (default: on with --cuda, as vldac.py)")
+                    help="vldac.py --static-cache (default: as vldac.py, on with --cuda and LoRA)")
 parser.add_argument("--max-new-tokens", type=int, default=None, help="default: the model's (tiny 48, 2b 256)")
 parser.add_argument("--seed", type=int, default=1, help="seed of envs, sampling and weights")
 parser.add_argument("--env-id", default="gym_cards/NumberLine-v0", help="the env the rollout plays")
@@ -83,19 +83,15 @@ def run_worker(a):
     torch.manual_seed(args.seed)
     device = torch.device("cuda" if a.cuda and torch.cuda.is_available() else "cpu")
     env_list = [envs.make_env(args.env_id) for _ in range(args.num_envs)]
-    if a.model == "tiny":
-        agent, processor = vldac.make_agent(args, device)
-    else:  # as vldac.make_agent, from weights made here: bf16 on the GPU (fp32 adapter), fp32 on the CPU
+    built = None
+    if a.model != "tiny":  # weights made here: bf16 on the GPU (the adapter fp32), fp32 on the CPU
         import larger_model
-        import vlm
 
         layers, depth = (28, 32) if a.full_depth else (a.text_layers, a.vision_depth)
         processor = larger_model.processor()
-        model = larger_model.build_model(a.model, processor, device, torch.bfloat16 if device.type == "cuda"
-                                         else torch.float32, layers, depth)
-        policy = vlm.prepare_policy(model, args.lora_r, args.lora_alpha, args.lora_dropout)
-        static_cache = device.type == "cuda" if args.static_cache is None else args.static_cache
-        agent = vldac.Agent(policy, args.temperature, args.value_stop_grad, static_cache)
+        built = (larger_model.build_model(a.model, processor, device, torch.bfloat16 if device.type == "cuda"
+                                          else torch.float32, layers, depth), processor)
+    agent, processor = vldac.make_agent(args, device, built)
     optimizer = torch.optim.Adam([p for p in agent.parameters() if p.requires_grad], lr=args.learning_rate, eps=1e-5)
     runner = rollout.EnvRunner(env_list, args.seed)
     runner.collect(agent, processor, 1, args.temperature, args.max_new_tokens)  # warm-up, not timed
