@@ -1732,16 +1732,38 @@ def test_torchrun_script_only_rank_0_logs_and_saves(tiny_dir, tmp_path):
 # ---- tiny_vlm.py (the offline stand-in for a pretrained checkpoint) ----
 
 
-def test_tiny_families_cover_every_env_and_keep_the_numberline_model():
-    """Every env has exactly one tiny model family; the NumberLine recipe's cache key is the one its published
-    figures were measured with (fields added later are hashed only when changed)."""
+def test_tiny_families_cover_every_env_and_keep_the_numberline_model(monkeypatch):
+    """Every env has exactly one tiny model family; the NumberLine recipe's config hashes as it did when its
+    published figures were measured (fields added later are hashed only when changed); the rendering part of the
+    key is added on top."""
     assert {tiny_vlm.family_of(e) for e in envs.ENV_IDS} == set(tiny_vlm.FAMILIES)
     for env_id in envs.ENV_IDS:
         cfg = tiny_vlm.config_for(env_id)
         assert env_id in cfg.env_ids and cfg.env_weights[cfg.env_ids.index(env_id)] > 0
     assert tiny_vlm.config_for("gym_cards/NumberLine-v0") == tiny_vlm.TinyConfig()
-    assert tiny_vlm.cache_path(tiny_vlm.TinyConfig()).name == "tiny-qwen2-vl-90a53087f9"
     assert len({tiny_vlm.cache_path(cfg) for cfg in tiny_vlm.FAMILIES.values()}) == len(tiny_vlm.FAMILIES)
+    keyed = tiny_vlm.cache_path(tiny_vlm.TinyConfig())
+    monkeypatch.setattr(tiny_vlm, "rendering_key", lambda env_ids: "")
+    assert tiny_vlm.cache_path(tiny_vlm.TinyConfig()).name == "tiny-qwen2-vl-90a53087f9" != keyed.name
+
+
+def test_frames_use_the_repository_font_and_key_the_tiny_cache(monkeypatch):
+    """Labels are drawn with the font file in the repository, never one the machine may lack; a machine that draws
+    the card games' frames differently (here: Pillow's built-in font) gets its own tiny model (another cache key),
+    while MiniWorld, drawn by OpenGL rather than Pillow, adds nothing to its key."""
+    assert envs.FONT.is_file() and envs._font(36).path == str(envs.FONT)
+    numberline = tiny_vlm.TinyConfig()
+    before = tiny_vlm.cache_path(numberline)
+    assert tiny_vlm.rendering_key(tuple(envs.MINIWORLD_IDS)) == ""
+    from PIL import ImageFont
+    monkeypatch.setattr(envs, "_font", lambda size: ImageFont.load_default(size=size))
+    for cached in (envs._number_line_image, tiny_vlm.rendering_key):
+        cached.cache_clear()
+    try:
+        assert tiny_vlm.cache_path(numberline) != before
+    finally:
+        for cached in (envs._number_line_image, tiny_vlm.rendering_key):
+            cached.cache_clear()  # the next test draws with the repository's font again
 
 
 def test_state_pool_draws_every_caption_equally_often():

@@ -26,6 +26,7 @@ Two choices make a 1.5M-parameter model learn to read digits in a minute instead
 One model per family of envs (FAMILIES): one model for several games read none of them in the budget.
 """
 import collections
+import functools
 import hashlib
 import json
 import os
@@ -34,6 +35,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import PIL
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -415,7 +417,9 @@ def build(out_dir, cfg: TinyConfig = TinyConfig(), progress=True):
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
-    card = dict(config=asdict(cfg), data_version=DATA_VERSION, build_seconds=round(time.time() - start, 1),
+    card = dict(config=asdict(cfg), data_version=DATA_VERSION, pillow=PIL.__version__,
+                rendering=rendering_key(tuple(e for e, w in zip(cfg.env_ids, cfg.env_weights) if w > 0)),
+                build_seconds=round(time.time() - start, 1),
                 parameters=sum(p.numel() for p in model.parameters()))
     (out_dir / "tiny_vlm.json").write_text(json.dumps(card, indent=2))
     return out_dir
@@ -425,12 +429,23 @@ def cache_dir():
     return Path(os.environ.get("VLDAC_CACHE", Path.home() / ".cache" / "vldac"))
 
 
+@functools.lru_cache(maxsize=None)
+def rendering_key(env_ids) -> str:
+    """A hash of how this machine draws the first frame of each card game in env_ids ('' for MiniWorld alone).
+    The envs draw text the same way everywhere (envs.FONT), but the glyphs still come from the machine's FreeType:
+    where those differ, the cache key differs and the machine builds a model for the frames it actually draws."""
+    frames = [envs.make_env(env_id).reset(seed=0)[0] for env_id in env_ids if env_id.startswith("gym_cards/")]
+    return hashlib.sha1(b"".join(np.ascontiguousarray(f).tobytes() for f in frames)).hexdigest()[:10] if frames else ""
+
+
 def cache_path(cfg: TinyConfig) -> Path:
-    """Where the model of cfg is cached: keyed by its config and the data version."""
+    """Where the model of cfg is cached: keyed by its config, the data version and how this machine renders."""
     later = {"state_pool": 0, "caption_formula": True, "aux_pool": "mean",  # hashed only when changed (TinyConfig)
              "rope_theta": 10000.0, "mrope_section": ()}
     fields = {k: v for k, v in asdict(cfg).items() if k not in later or v != later[k]}
-    key = hashlib.sha1(json.dumps([fields, DATA_VERSION], sort_keys=True).encode()).hexdigest()[:10]
+    rendering = rendering_key(tuple(e for e, w in zip(cfg.env_ids, cfg.env_weights) if w > 0))
+    key = hashlib.sha1(json.dumps([fields, DATA_VERSION] + [rendering] * bool(rendering),
+                                  sort_keys=True).encode()).hexdigest()[:10]
     return cache_dir() / f"tiny-qwen2-vl-{key}"
 
 

@@ -5,12 +5,15 @@ holding the weights, and the quick start itself (a few minutes on one GPU):
     mixed   bf16 weights, the TRAINABLE ones and Adam's state in fp32, bf16 autocast (vldac.py's default on CUDA)
     fp32    every weight in fp32
 
-each with SDPA attention (transformers' default) and eager attention. First, whether generate() samples from the
-distribution that the scoring forward computes (logits compared token by token). Per iteration it prints the first
-epoch's largest |log ratio| (the rollout's scoring forward against the update's re-collated micro-batches: 0 in
-exact arithmetic), kl_ref of the first minibatch (0: the policy is still the reference), then the update's kl_ref,
-parse failures and success. The variants run in parallel subprocesses, the quick start beside them.
-Usage: python benchmarks/gpu_check.py [--iterations 8] [--out DIR] [--quickstart-seconds 240]
+each with SDPA attention (transformers' default) or eager attention. First, per variant: whether generate() samples
+from the distribution that the scoring forward computes (logits compared token by token), whether the GPU computes
+what an fp32 copy on the CPU computes for the same inputs, and the caption accuracy of held-out frames (does the
+model read this machine's frames?). Per iteration: the first epoch's largest |log ratio| (the rollout's scoring
+forward against the update's re-collated micro-batches: 0 in exact arithmetic), kl_ref of the first minibatch (0:
+the policy is still the reference), then the update's kl_ref, parse failures and success. --cross also updates one
+rollout batch (collected on the CPU, or on the GPU) on both devices from the same state. Variants and seeds run in
+parallel subprocesses, the quick start beside them.
+Usage: python benchmarks/gpu_check.py [--iterations 8] [--seeds 1 2] [--cross] [--out DIR] [--quickstart-seconds 240]
 """
 import argparse
 import json
@@ -27,7 +30,10 @@ VARIANTS = ["bf16:sdpa", "bf16:eager", "mixed:sdpa", "mixed:eager", "fp32:sdpa"]
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--iterations", type=int, default=8, help="iterations per variant (the first 2: value warm-up)")
 parser.add_argument("--variants", nargs="+", default=VARIANTS, help="PRECISION:ATTENTION pairs")
-parser.add_argument("--seed", type=int, default=1, help="seed of the variants and the quick start")
+parser.add_argument("--seed", type=int, default=1, help="seed of the quick start (and of a worker)")
+parser.add_argument("--seeds", type=int, nargs="+", default=[1], help="seeds of the variants, one worker each")
+parser.add_argument("--cross", action="store_true",
+                    help="also update one rollout batch on the CPU and on the GPU (cross:cpu, cross:cuda per seed)")
 parser.add_argument("--out", default="runs/gpu_check", help="logs and results.json")
 parser.add_argument("--quickstart-seconds", type=int, default=240, help="stop the quick start after this (0: skip)")
 parser.add_argument("--quickstart-args", nargs="*", default=[], help="extra vldac.py flags for the quick start")
@@ -96,6 +102,86 @@ def sampling_check(agent, processor, runner, args, batches=4):
                 tokens=tokens)
 
 
+def device_check(agent, processor, runner, args, env_id):
+    """Does the model compute on the GPU what it computes on the CPU? Rollout prompts with sampled answers, scored
+    by the policy as it runs on the GPU and by an fp32 copy of it on the CPU: the largest difference of the
+    log-softmax over every response position, the mean KL(CPU || GPU) per token, the largest value difference at the
+    last prompt token; and the caption accuracy of held-out frames (greedy, 100 frames; 1.00 on the CPU)."""
+    import copy
+
+    import torch
+
+    import rollout
+    import tiny_vlm
+
+    inputs = rollout.prompt_inputs(processor, runner.frames, [env.prompt() for env in runner.envs], agent.device)
+    response_ids = rollout.generate(agent.policy, inputs, processor.tokenizer.pad_token_id, args.max_new_tokens,
+                                    args.temperature)
+    mask = rollout.response_mask(response_ids, torch.tensor(agent.eos_token_ids, device=agent.device))
+    cpu = copy.deepcopy(agent.policy).float().cpu()
+    head = copy.deepcopy(agent.value_head).float().cpu()
+    distributions, values = [], []
+    with torch.no_grad():
+        for model, value_head, device in ((agent.policy, agent.value_head, agent.device), (cpu, head, "cpu")):
+            batch = {k: v.to(device) for k, v in inputs.items()}
+            hidden = agent._hidden(model, batch, response_ids.to(device), mask.to(device))
+            with rollout.compute_context(model):
+                logits = rollout.base_model(model).lm_head(hidden[:, batch["input_ids"].shape[1] - 1 : -1])
+            distributions.append((logits.float().cpu() / args.temperature).log_softmax(-1))  # (B, R, V)
+            values.append(value_head(hidden[:, batch["input_ids"].shape[1] - 1].float()).squeeze(-1).cpu())
+    gpu, ref = distributions
+    keep = mask.cpu()
+    kl = (ref.exp() * (ref - gpu)).sum(-1)[keep]  # per response token
+    finite = torch.isfinite(gpu) & torch.isfinite(ref)
+    return dict(max_logprob_difference_vs_cpu=(gpu - ref).where(finite, 0).abs().amax(-1)[keep].max().item(),
+                mean_kl_cpu_gpu=kl.mean().item(), max_value_difference_vs_cpu=(values[0] - values[1]).abs().max().item(),
+                caption_accuracy=tiny_vlm.caption_accuracy(agent.policy, processor, env_id, num_frames=100))
+
+
+def cross_check(rollout_device, a):
+    """One rollout batch, updated on the CPU and on the GPU from the same weights and optimizer state (fp32 both):
+    the rollout is collected on rollout_device, iterations 1-2 are the value warm-up, iteration 3's batch is the
+    first policy update. Same minibatch order on both. If the GPU's update moves the policy much further than the
+    CPU's (kl_ref), the GPU's update computes something else; if both jump on a GPU rollout only, the rollout is
+    what differs. Also: the share of rollout tokens with log-prob < -5 (unlikely samples)."""
+    import copy
+
+    import numpy as np
+    import torch
+
+    import envs
+    import rollout
+    import vldac
+
+    torch.set_num_threads(1)
+    args = vldac.resolve_args(vldac.Args(seed=a.seed, bf16=False, static_cache=False, cuda=rollout_device == "cuda"))
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    agent, processor = vldac.make_agent(args, torch.device(rollout_device))
+    optimizer = torch.optim.Adam([p for p in agent.parameters() if p.requires_grad], lr=args.learning_rate, eps=1e-5)
+    runner = rollout.EnvRunner([envs.make_env(args.env_id) for _ in range(args.num_envs)], args.seed)
+    for iteration in (1, 2, 3):
+        optimizer.param_groups[0]["lr"] = vldac.cosine_learning_rate(iteration, args)
+        batch = runner.collect(agent, processor, args.num_steps, args.temperature, args.max_new_tokens)
+        advantages, returns = vldac.compute_gae(batch.rewards, batch.values, batch.terminated, batch.truncated,
+                                                batch.bootstrap_values, batch.last_values, args.gamma, args.gae_lambda)
+        advantages = vldac.normalize_advantages(advantages)
+        if iteration < 3:
+            vldac.update(agent, optimizer, batch, advantages, returns, args, processor.tokenizer, value_warmup=True)
+    logprobs = torch.cat(batch.logprobs)
+    result = dict(variant=f"cross:{rollout_device}", iteration=3, unlikely_rollout_tokens=(logprobs < -5).float().mean().item(),
+                  tokens=len(logprobs), parse_failure_rate=batch.parse_failures / len(batch.steps))
+    for name, device in (("cpu", "cpu"), ("cuda", "cuda" if torch.cuda.is_available() else "cpu")):
+        copy_ = copy.deepcopy(agent).to(device)
+        copy_.reference = [r.to(device) for r in copy_.reference]
+        opt = torch.optim.Adam([p for p in copy_.parameters() if p.requires_grad], lr=args.learning_rate, eps=1e-5)
+        opt.load_state_dict(optimizer.state_dict())
+        torch.manual_seed(99)  # the same minibatch order
+        stats = vldac.update(copy_, opt, batch, advantages, returns, args, processor.tokenizer)
+        result.update({f"{name}_update_{k}": stats[k] for k in ("kl_ref", "approx_kl", "clipfrac", "policy_loss")})
+    print("RESULT " + json.dumps(result), flush=True)
+
+
 def run_worker(spec, a):
     """One variant, in this process: vldac.py's loop for a few iterations, printing one JSON line per iteration."""
     import numpy as np
@@ -120,8 +206,9 @@ def run_worker(spec, a):
     optimizer = torch.optim.Adam([p for p in agent.parameters() if p.requires_grad], lr=args.learning_rate, eps=1e-5)
     runner = rollout.EnvRunner([envs.make_env(args.env_id) for _ in range(args.num_envs)], args.seed)
     trainable = {str(p.dtype) for p in agent.policy.parameters() if p.requires_grad}
-    print("RESULT " + json.dumps(dict(variant=spec, iteration=0, **sampling_check(agent, processor, runner, args))),
-          flush=True)
+    checks = sampling_check(agent, processor, runner, args)
+    checks.update(device_check(agent, processor, runner, args, args.env_id))
+    print("RESULT " + json.dumps(dict(variant=spec, iteration=0, **checks)), flush=True)
     for iteration in range(1, a.iterations + 1):
         start = time.time()
         optimizer.param_groups[0]["lr"] = vldac.cosine_learning_rate(iteration, args)
@@ -145,16 +232,20 @@ def run_worker(spec, a):
 if __name__ == "__main__":
     a = parser.parse_args()
     if a.worker:
-        run_worker(a.worker, a)
+        cross_check(a.worker.split(":")[1], a) if a.worker.startswith("cross:") else run_worker(a.worker, a)
         sys.exit(0)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
-    flags = ["--iterations", str(a.iterations), "--seed", str(a.seed)] + (["--cpu"] if a.cpu else [])
+    specs = [(spec, seed) for seed in a.seeds for spec in a.variants + (["cross:cpu"] + ["cross:cuda"] * (not a.cpu)) * a.cross]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    workers = {spec: subprocess.Popen([sys.executable, __file__, "--worker", spec, *flags], cwd=ROOT, env=env,
-                                      stdout=subprocess.PIPE, stderr=open(out / f"{spec.replace(':', '_')}.err", "w"),
-                                      text=True) for spec in a.variants}
+    workers = {}
+    for spec, seed in specs:
+        name = f"{spec.replace(':', '_')}_seed{seed}"
+        flags = ["--iterations", str(a.iterations), "--seed", str(seed)] + (["--cpu"] if a.cpu else [])
+        workers[(spec, seed)] = subprocess.Popen([sys.executable, __file__, "--worker", spec, *flags], cwd=ROOT,
+                                                 env=env, stdout=subprocess.PIPE, stderr=open(out / f"{name}.err", "w"),
+                                                 text=True)
     quickstart = None
     if a.quickstart_seconds:  # the README's quick start as a user runs it on a GPU (no evaluation episodes)
         command = [sys.executable, "vldac.py", "--env-id", "gym_cards/NumberLine-v0", "--eval-episodes", "0",
@@ -162,24 +253,36 @@ if __name__ == "__main__":
         quickstart = subprocess.Popen(["timeout", str(a.quickstart_seconds), *command], cwd=ROOT,
                                       stdout=open(out / "quickstart.log", "w"), stderr=subprocess.STDOUT)
     results = []
-    for spec, worker in workers.items():  # each prints everything at the end of its run, so read them in turn
+    for (spec, seed), worker in workers.items():  # each prints everything at the end of its run, so read them in turn
         output, _ = worker.communicate()
+        label = f"{spec} seed {seed}"
         for line in output.splitlines():
-            if line.startswith("RESULT "):
-                results.append(json.loads(line[len("RESULT "):]))
-                r = results[-1]
-                if r["iteration"] == 0:
-                    print(f"{spec:<12} sampling: generate's logits vs the scoring forward's: largest difference "
-                          f"{r['max_logit_difference']:.4f}; sampled tokens with log-prob < -5: "
-                          f"{r['unlikely_tokens']:.4f} of {r['tokens']} (expected {r['unlikely_expected']:.4f})",
+            if not line.startswith("RESULT "):
+                continue
+            r = dict(json.loads(line[len("RESULT "):]), seed=seed)
+            results.append(r)
+            if spec.startswith("cross:"):
+                print(f"{label:<20} rollout parse_fail {r['parse_failure_rate']:.2f}, tokens with log-prob < -5: "
+                      f"{r['unlikely_rollout_tokens']:.4f} of {r['tokens']} | iteration 3 update on the CPU: kl_ref "
+                      f"{r['cpu_update_kl_ref']:.4f} approx_kl {r['cpu_update_approx_kl']:.4f} clipfrac "
+                      f"{r['cpu_update_clipfrac']:.3f} | on the GPU: kl_ref {r['cuda_update_kl_ref']:.4f} approx_kl "
+                      f"{r['cuda_update_approx_kl']:.4f} clipfrac {r['cuda_update_clipfrac']:.3f}", flush=True)
+            elif r["iteration"] == 0:
+                print(f"{label:<20} sampling: generate's logits vs the scoring forward's: largest difference "
+                      f"{r['max_logit_difference']:.4f}; sampled tokens with log-prob < -5: "
+                      f"{r['unlikely_tokens']:.4f} of {r['tokens']} (expected {r['unlikely_expected']:.4f})", flush=True)
+                if "caption_accuracy" in r:
+                    print(f"{label:<20} vs an fp32 copy on the CPU: log-prob difference up to "
+                          f"{r['max_logprob_difference_vs_cpu']:.4f}, mean KL {r['mean_kl_cpu_gpu']:.2e}, value up to "
+                          f"{r['max_value_difference_vs_cpu']:.4f}; caption accuracy {r['caption_accuracy']:.2f}",
                           flush=True)
-                    continue
-                print(f"{spec:<12} iter {r['iteration']}: max |log ratio| {r['max_abs_log_ratio']:.4f} mean "
+            else:
+                print(f"{label:<20} iter {r['iteration']}: max |log ratio| {r['max_abs_log_ratio']:.4f} mean "
                       f"{r['mean_abs_log_ratio']:.5f} | kl_ref first minibatch {r['kl_ref_first_minibatch']:.5f}, "
                       f"update {r['kl_ref']:.4f} | clipfrac {r['clipfrac']:.3f} parse_fail "
                       f"{r['parse_failure_rate']:.2f} success {r['success_rate']} ({r['seconds']:.1f} s)", flush=True)
         if worker.returncode:
-            print(f"{spec} failed (exit {worker.returncode}); see {out / (spec.replace(':', '_') + '.err')}")
+            print(f"{label} failed (exit {worker.returncode}); see {out / (spec.replace(':', '_') + f'_seed{seed}.err')}")
     (out / "results.json").write_text(json.dumps(results, indent=1))
     if quickstart is not None:
         quickstart.wait()
