@@ -2111,15 +2111,8 @@ def test_larger_layouts_have_the_published_sizes():
 
 def tiny_bpe(special, **named):
     """A byte-level BPE trained on our prompts and answers with the given special tokens, as a fast tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
-    cfg = tiny_vlm.TinyConfig()
-    bpe.train_from_iterator(tiny_vlm.tokenizer_corpus(tiny_vlm.StateSampler(cfg.env_ids, 0)), trainers.BpeTrainer(
-        vocab_size=900, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    return PreTrainedTokenizerFast(tokenizer_object=bpe, **named)
+    corpus = tiny_vlm.tokenizer_corpus(tiny_vlm.StateSampler(tiny_vlm.TinyConfig().env_ids, 0))
+    return tiny_vlm.train_bpe(corpus, 900, special, **named)
 
 
 def tiny_text(tokenizer, eos, pad, **more):

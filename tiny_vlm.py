@@ -134,20 +134,26 @@ def config_for(env_id) -> TinyConfig:
 
 
 # ---------------------------------------------------------------------------- 1-3. build
-def build_processor(cfg: TinyConfig, corpus) -> Qwen2VLProcessor:
-    """Byte-level BPE (any text encodes, nothing is <unk>) trained on our own prompts and answers."""
+def train_bpe(corpus, vocab_size, special_tokens, **named) -> PreTrainedTokenizerFast:
+    """Byte-level BPE (any text encodes, nothing is <unk>) trained on corpus, as a fast tokenizer; named: its
+    eos / pad / extra special tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=cfg.vocab_size, special_tokens=SPECIAL_TOKENS,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special_tokens,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     bpe.train_from_iterator(corpus, trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-        extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
-                              "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"})
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, **named)
+
+
+def build_processor(cfg: TinyConfig, corpus) -> Qwen2VLProcessor:
+    """Qwen2-VL's processor with a BPE trained on our own prompts and answers, and the tiny image size."""
+    tokenizer = train_bpe(corpus, cfg.vocab_size, SPECIAL_TOKENS, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                          extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+                                                "vision_start_token": "<|vision_start|>",
+                                                "vision_end_token": "<|vision_end|>"})
     side = cfg.image_size
     image_processor = Qwen2VLImageProcessor(
         image_mean=[1.0, 1.0, 1.0], image_std=[0.5, 0.5, 0.5],  # "ink" normalisation: white -> 0

@@ -191,10 +191,10 @@ def resolve_args(args):
         if getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     args.batch_size = args.num_envs * args.num_steps
-    args.num_iterations = args.total_timesteps // (args.batch_size * WORLD_SIZE)  # torchrun: every rank rolls out
-    if args.baseline == "loop":  # whole episodes of varying length: stop at total_timesteps (an upper bound here)
-        args.num_iterations = args.total_timesteps // args.num_envs
-    if args.baseline != "loop" and (args.minibatch_size > args.batch_size or args.batch_size % args.minibatch_size):
+    loop = args.baseline == "loop"  # whole episodes of varying length: stop at total_timesteps (an upper bound here)
+    # torchrun: every rank rolls out
+    args.num_iterations = args.total_timesteps // (args.num_envs if loop else args.batch_size * WORLD_SIZE)
+    if not loop and (args.minibatch_size > args.batch_size or args.batch_size % args.minibatch_size):
         fail(f"--minibatch-size {args.minibatch_size} must divide num_envs * num_steps = {args.batch_size}")
     if args.minibatch_size % args.micro_batch_size:
         fail(f"--micro-batch-size {args.micro_batch_size} must divide --minibatch-size {args.minibatch_size}")
@@ -204,9 +204,9 @@ def resolve_args(args):
     if args.num_iterations < 1:
         fail(f"--total-timesteps {args.total_timesteps} is less than one rollout "
              f"({args.batch_size * WORLD_SIZE} env steps over {WORLD_SIZE} rank(s))")
-    if args.baseline == "loop" and (args.loop_group_size < 2 or args.num_envs % args.loop_group_size):
+    if loop and (args.loop_group_size < 2 or args.num_envs % args.loop_group_size):
         fail(f"--loop-group-size must be >= 2 and divide --num-envs {args.num_envs}, got {args.loop_group_size}")
-    if args.baseline == "loop" and WORLD_SIZE > 1:  # ranks would take different numbers of optimizer steps
+    if loop and WORLD_SIZE > 1:  # ranks would take different numbers of optimizer steps
         fail("--baseline loop runs in one process (its rollouts differ in length between ranks)")
     if args.thought_coef < 0:
         fail(f"--thought-coef must be >= 0, got {args.thought_coef}")
