@@ -125,12 +125,16 @@ def family_of(env_id):
     """The name of the tiny model family that reads env_id's frames."""
     if env_id not in envs.ENV_IDS:
         raise ValueError(f"unknown env_id {env_id!r}")
-    return next(name for name, cfg in FAMILIES.items() if env_id in cfg.env_ids and
-                cfg.env_weights[cfg.env_ids.index(env_id)] > 0)
+    return next(name for name, cfg in FAMILIES.items() if env_id in envs_read(cfg))
 
 
 def config_for(env_id) -> TinyConfig:
     return FAMILIES[family_of(env_id)]
+
+
+def envs_read(cfg: TinyConfig) -> tuple:
+    """The envs cfg's model is pre-trained to read (weight > 0)."""
+    return tuple(e for e, w in zip(cfg.env_ids, cfg.env_weights) if w > 0)
 
 
 # ---------------------------------------------------------------------------- 1-3. build
@@ -424,7 +428,7 @@ def build(out_dir, cfg: TinyConfig = TinyConfig(), progress=True):
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     card = dict(config=asdict(cfg), data_version=DATA_VERSION, pillow=PIL.__version__,
-                rendering=rendering_key(tuple(e for e, w in zip(cfg.env_ids, cfg.env_weights) if w > 0)),
+                rendering=rendering_key(envs_read(cfg)),
                 build_seconds=round(time.time() - start, 1),
                 parameters=sum(p.numel() for p in model.parameters()))
     (out_dir / "tiny_vlm.json").write_text(json.dumps(card, indent=2))
@@ -449,7 +453,7 @@ def cache_path(cfg: TinyConfig) -> Path:
     later = {"state_pool": 0, "caption_formula": True, "aux_pool": "mean",  # hashed only when changed (TinyConfig)
              "rope_theta": 10000.0, "mrope_section": ()}
     fields = {k: v for k, v in asdict(cfg).items() if k not in later or v != later[k]}
-    rendering = rendering_key(tuple(e for e, w in zip(cfg.env_ids, cfg.env_weights) if w > 0))
+    rendering = rendering_key(envs_read(cfg))
     key = hashlib.sha1(json.dumps([fields, DATA_VERSION] + [rendering] * bool(rendering),
                                   sort_keys=True).encode()).hexdigest()[:10]
     return cache_dir() / f"tiny-qwen2-vl-{key}"
@@ -460,8 +464,7 @@ def tiny_model_path(cfg: TinyConfig = TinyConfig(), progress=True) -> str:
     path = cache_path(cfg)
     if not (path / "tiny_vlm.json").exists():
         tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        envs_read = [e for e, w in zip(cfg.env_ids, cfg.env_weights) if w > 0]
-        print(f"Building the tiny VLM for {', '.join(envs_read)} ({cfg.pretrain_steps} pre-training steps, once: "
+        print(f"Building the tiny VLM for {', '.join(envs_read(cfg))} ({cfg.pretrain_steps} pre-training steps, once: "
               f"4-12 minutes on 2 CPU cores, see docs/tiny_model.md) into {path}", flush=True)
         build(tmp, cfg, progress=progress)
         try:
@@ -495,6 +498,6 @@ if __name__ == "__main__":
         model, processor = load(path)
         card = json.loads((Path(path) / "tiny_vlm.json").read_text())
         print(f"{name}: {path}: {card['parameters']:,} parameters, built in {card['build_seconds']} s", flush=True)
-        for env_id in (e for e, w in zip(cfg.env_ids, cfg.env_weights) if w > 0):
+        for env_id in envs_read(cfg):
             print(f"  {env_id}: caption accuracy {caption_accuracy(model, processor, env_id):.3f}, parse failures "
                   f"{parse_failure_rate(model, processor, env_id):.3f}", flush=True)
