@@ -16,6 +16,7 @@ import dataclasses
 import numpy as np
 import torch
 from peft import PeftModel
+from peft.tuners.lora import LoraLayer
 
 SEQUENCE_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")  # (B, P) processor outputs
 TEXT_MARKS = ("mm_token_type_ids", "token_type_ids")  # text (0) / image (1) per token: Qwen2-VL's, Gemma 3's
@@ -65,19 +66,43 @@ def vision_token_ids(model):
     return sorted({getattr(config, name) for name in VISION_TOKENS if getattr(config, name, None) is not None})
 
 
-def generate(model, inputs, pad_token_id, max_new_tokens, temperature=1.0, static_cache=False):
+@contextlib.contextmanager
+def lora_merged(model):
+    """Decode with the LoRA adapter folded into the weights: W + (alpha / r) B A in place, the adapter disabled, so
+    each adapted layer costs one matrix product instead of three (2B layout on an H100, batch 64: 9.6 -> 7.1 ms per
+    decoding step). Afterwards the weights are restored bit for bit from a copy: peft's unmerge_adapter subtracts
+    the update again, which rounds bf16 weights on every round trip, a random walk that would move the frozen
+    reference (the adapter disabled) as well. The copy costs GPU memory: 2.6 GB at 2B, 13 GB at 7B."""
+    layers = [layer for layer in model.modules() if isinstance(layer, LoraLayer)]
+    weights = [layer.get_base_layer().weight for layer in layers]
+    saved = [weight.detach().clone() for weight in weights]
+    try:
+        with torch.no_grad():
+            for layer, weight in zip(layers, weights):
+                delta = sum(layer.get_delta_weight(name) for name in layer.active_adapters)  # fp32 (out, in)
+                weight.copy_(weight.float() + delta)  # one rounding to the weight's dtype
+        with model.disable_adapter():
+            yield
+    finally:
+        with torch.no_grad():
+            for weight, copy in zip(weights, saved):
+                weight.copy_(copy)
+
+
+def generate(model, inputs, pad_token_id, max_new_tokens, temperature=1.0, static_cache=False, merge_lora=False):
     """The one call to model.generate() (rollouts, evaluation, the tiny model's probe) -> response ids (B, R).
     temperature 0: greedy; T > 0: the full distribution at T, with top_k=0, top_p=1 and no repetition penalty
     given explicitly, since a checkpoint's generation_config (Qwen2-VL: top_k=1) would otherwise fill them in.
     Vision tokens are suppressed and any end-of-turn id stops a row. static_cache: transformers' fixed-size KV
     cache, with which transformers compiles the decoding step on CUDA (torch.compile, CUDA graphs; the first call
-    of each batch shape compiles). It changes how tokens are sampled, not what is scored: log-probs come from the
-    scoring forward either way."""
+    of each batch shape compiles). merge_lora: decode with the adapter merged (lora_merged). Both change how tokens
+    are sampled, not what is scored: log-probs come from the scoring forward either way."""
     decoding = dict(do_sample=False) if temperature == 0 else dict(do_sample=True, temperature=temperature, top_k=0,
                                                                    top_p=1.0)
     if static_cache:
         decoding["cache_implementation"] = "static"
-    with compute_context(model):
+    merged = lora_merged(model) if merge_lora and isinstance(model, PeftModel) else contextlib.nullcontext()
+    with merged, compute_context(model):
         sequences = model.generate(**inputs, **decoding, repetition_penalty=1.0, max_new_tokens=max_new_tokens,
                                    suppress_tokens=vision_token_ids(model), eos_token_id=eos_token_ids(model),
                                    pad_token_id=pad_token_id)  # (B, P + R)
@@ -226,7 +251,7 @@ class EnvRunner:
         inputs = prompt_inputs(processor, [self.frames[i] for i in indices], [self.envs[i].prompt() for i in indices],
                                agent.device)
         response_ids = generate(agent.policy, inputs, processor.tokenizer.pad_token_id, max_new_tokens,
-                                temperature, agent.static_cache)  # (n, R)
+                                temperature, agent.static_cache, agent.merge_lora)  # (n, R)
         token_mask = response_mask(response_ids, torch.tensor(agent.eos_token_ids, device=agent.device))  # (n, R)
         # the scoring forward gets exactly what generate got, response appended
         logprobs, values = agent.get_logprobs_and_value(inputs, response_ids, token_mask)  # (n, R), (n,)

@@ -926,7 +926,7 @@ def test_response_mask_through_first_eos():
 def test_bad_inputs_one_line_exit_2(tiny_dir, capsys):
     bad = [dict(env_id="gym_cards/Nope-v0"), dict(minibatch_size=8), dict(minibatch_size=3),
            dict(micro_batch_size=3), dict(total_timesteps=2), dict(temperature=0.0), dict(num_envs=0),
-           dict(num_steps=0), dict(thought_coef=-1.0), dict(threads=-1)]
+           dict(num_steps=0), dict(thought_coef=-1.0), dict(threads=-1), dict(merge_lora_rollout=True)]
     for overrides in bad:
         with pytest.raises(SystemExit) as exit_info:
             make_args(tiny_dir, **overrides)
@@ -984,6 +984,45 @@ def test_static_cache_decodes_as_the_dynamic_cache(tiny_pretrained):
     pad = processor.tokenizer.pad_token_id
     dynamic, static = (rollout.generate(model, inputs, pad, 24, temperature=0, static_cache=s) for s in (False, True))
     assert torch.equal(dynamic, static)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_merged_lora_decodes_as_the_adapter_and_restores_the_weights(tiny_pretrained, bf16):
+    """--merge-lora-rollout: inside rollout.lora_merged the model computes what the unmerged adapter computes (not
+    what the base model does), greedy answers are the same (fp32), and afterwards every weight is as it was, bit
+    for bit, in bf16 too, where peft's own merge / unmerge round trip rounds the base weights (why we copy)."""
+    torch.manual_seed(0)
+    policy, processor = vlm.load_policy("tiny", "cpu", lora_r=4, lora_alpha=8, lora_dropout=0.0, bf16=bf16)
+    for name, param in policy.named_parameters():
+        if "lora_B" in name:  # B starts at 0: give the adapter an effect
+            param.data.normal_(0, 0.2)
+    env_list = [envs.make_env(ENV_ID) for _ in range(3)]
+    frames = [env.reset(seed=i)[0] for i, env in enumerate(env_list)]
+    inputs = rollout.prompt_inputs(processor, frames, [env.prompt() for env in env_list], "cpu")
+    before = {name: tensor.clone() for name, tensor in policy.state_dict().items()}
+
+    def logits():
+        with torch.no_grad(), rollout.compute_context(policy):
+            return policy(**inputs).logits[:, -1].float()  # (B, V)
+
+    adapted = logits()
+    with policy.disable_adapter():
+        base = logits()
+    with rollout.lora_merged(policy):
+        merged = logits()
+    tolerance = 0.25 if bf16 else 1e-4  # bf16: W + BA is rounded to bf16 once (logits about 4 here)
+    assert (adapted - base).abs().max() > 5 * tolerance  # the adapter matters ...
+    torch.testing.assert_close(merged, adapted, atol=tolerance, rtol=0)  # ... and merged computes it
+    pad = processor.tokenizer.pad_token_id
+    unmerged, merged = (rollout.generate(policy, inputs, pad, 24, temperature=0, merge_lora=m) for m in (False, True))
+    if not bf16:
+        assert torch.equal(unmerged, merged)
+    after = policy.state_dict()
+    assert all(torch.equal(after[name], tensor) for name, tensor in before.items())
+    if bf16:
+        policy.merge_adapter()
+        policy.unmerge_adapter()
+        assert any(not torch.equal(after[name], tensor) for name, tensor in before.items())
 
 
 def test_sdpa_attention_matches_eager_with_left_padding(tiny_dir):

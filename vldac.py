@@ -49,6 +49,11 @@ class Args:
     rollout compiles, about a minute for a 2B model). None: on CUDA with LoRA (a full fine-tune under bf16 autocast
     has fp32 embeddings, and its eager prefill and compiled decoding steps disagree on the cache's dtype). The
     log-probs always come from the scoring forward, whichever way the tokens were sampled"""
+    merge_lora_rollout: bool = False
+    """decode with the LoRA adapter merged into the weights, restored bit for bit from a copy after each generate:
+    one matrix product per layer instead of three (2B layout, H100, batch 64: 7.1-8.3 instead of 9.6 ms per decoding
+    step), at the cost of merging and restoring per generate and of a copy of the adapted weights (2.6 GB at 2B,
+    13 GB at 7B). With 48-token answers the rollout took as long either way; it pays off for longer answers"""
     track: bool = False
     """if toggled, this experiment will be tracked with Weights and Biases"""
     wandb_project_name: str = "vldac"
@@ -214,6 +219,8 @@ def resolve_args(args):
         fail(f"--temperature must be > 0 (sampling from the policy), got {args.temperature}")
     if args.track and importlib.util.find_spec("wandb") is None:
         fail("--track needs Weights and Biases: pip install wandb")
+    if args.merge_lora_rollout and args.lora_r == 0:
+        fail("--merge-lora-rollout needs LoRA (--lora-r > 0): a full fine-tune has no adapter to merge")
     return args
 
 
@@ -238,7 +245,8 @@ def make_agent(args, device, built=None):
     if static_cache and compiled and args.bf16 is not False and not isinstance(policy, PeftModel):
         fail("--static-cache True on CUDA needs LoRA (--lora-r > 0) or --bf16 False: in a full fine-tune under bf16 "
              "autocast the compiled decoding step writes bf16 keys into the prefill's fp32 cache")
-    agent = Agent(policy, args.temperature, args.value_stop_grad, static_cache)
+    agent = Agent(policy, args.temperature, args.value_stop_grad, static_cache,
+                  args.merge_lora_rollout and isinstance(policy, PeftModel))
     value_head = Path(model_dir(args.model_id)) / "value_head.pt"
     if value_head.exists():  # starting from a vldac checkpoint
         agent.value_head.load_state_dict(torch.load(value_head, map_location=device))
@@ -248,10 +256,10 @@ def make_agent(args, device, built=None):
 class Agent(nn.Module):
     """The VLM policy, its value head, and the KL reference (the adapter disabled, or a frozen copy)."""
 
-    def __init__(self, policy, temperature, value_stop_grad=True, static_cache=False):
+    def __init__(self, policy, temperature, value_stop_grad=True, static_cache=False, merge_lora=False):
         super().__init__()
         self.policy, self.temperature, self.value_stop_grad = policy, temperature, value_stop_grad
-        self.static_cache = static_cache  # how the rollout decodes (rollout.generate)
+        self.static_cache, self.merge_lora = static_cache, merge_lora  # how the rollout decodes (rollout.generate)
         hidden = rollout.base_model(policy).config.get_text_config().hidden_size
         width = min(3072, 4 * hidden)  # official head: hidden -> 3072 -> 2048 -> 1; narrower for small models
         self.value_head = nn.Sequential(nn.Linear(hidden, width), nn.ReLU(), nn.Linear(width, width * 2 // 3),

@@ -16,6 +16,7 @@ batch-1 op wait for a descheduled thread (measured: up to 10x slower); --threads
 Usage: python benchmarks/speed.py [--env-steps 256] [--configs authors ours] [--markdown] [--model 2b]
 """
 import argparse
+import dataclasses
 import functools
 import json
 import os
@@ -49,6 +50,7 @@ parser.add_argument("--vision-depth", type=int, default=2, help="--model 2b/7b: 
 parser.add_argument("--full-depth", action="store_true", help="--model 2b/7b: all 28 text layers, 32 vision blocks")
 parser.add_argument("--static-cache", action=argparse.BooleanOptionalAction, default=None,
                     help="vldac.py --static-cache (default: as vldac.py, on with --cuda and LoRA)")
+parser.add_argument("--merge-lora-rollout", action="store_true", help="decode with the adapter merged (vldac.py's flag)")
 parser.add_argument("--max-new-tokens", type=int, default=None, help="default: the model's (tiny 48, 2b 256)")
 parser.add_argument("--seed", type=int, default=1, help="seed of envs, sampling and weights")
 parser.add_argument("--env-id", default="gym_cards/NumberLine-v0", help="the env the rollout plays")
@@ -76,7 +78,7 @@ def run_worker(a):
     torch.set_num_threads(a.threads)
     args = vldac.resolve_args(vldac.Args(  # a layout is no tiny model: the paper's defaults (LoRA r16)
         model_id="tiny" if a.model == "tiny" else f"{a.model}-layout", env_id=a.env_id, seed=a.seed, cuda=a.cuda,
-        static_cache=a.static_cache, num_envs=num_envs,
+        static_cache=a.static_cache, merge_lora_rollout=a.merge_lora_rollout, num_envs=num_envs,
         num_steps=num_steps, total_timesteps=num_envs * num_steps, minibatch_size=minibatch,
         micro_batch_size=micro, update_epochs=a.update_epochs, max_new_tokens=a.max_new_tokens))
     np.random.seed(args.seed)
@@ -94,7 +96,13 @@ def run_worker(a):
     agent, processor = vldac.make_agent(args, device, built)
     optimizer = torch.optim.Adam([p for p in agent.parameters() if p.requires_grad], lr=args.learning_rate, eps=1e-5)
     runner = rollout.EnvRunner(env_list, args.seed)
-    runner.collect(agent, processor, 1, args.temperature, args.max_new_tokens)  # warm-up, not timed
+    # Warm-up, not timed: one rollout step (the static cache compiles) and one update on it (a process's first
+    # backward loads its GPU kernels: on a fresh GPU machine the first process's update ran 2.6x slower).
+    warm = runner.collect(agent, processor, 1, args.temperature, args.max_new_tokens)
+    advantages, returns = vldac.compute_gae(warm.rewards, warm.values, warm.terminated, warm.truncated,
+                                            warm.bootstrap_values, warm.last_values, args.gamma, args.gae_lambda)
+    vldac.update(agent, optimizer, warm, advantages, returns, dataclasses.replace(args, update_epochs=1),
+                 processor.tokenizer)
 
     # Exclusive timers: a timed call inside another (a forward inside vldac.update) is subtracted from it.
     totals, open_calls = defaultdict(float), []  # open_calls: time of timed children, per open call
@@ -158,7 +166,7 @@ def run_worker(a):
         rollout_seconds=rollout_seconds, sps=args.batch_size / seconds, parts={p: totals[p] for p in PARTS},
         response_tokens=batch.response_tokens, max_new_tokens=args.max_new_tokens, lora_r=args.lora_r,
         ms_per_decode_step=1000 * totals["generate"] / max(1, decode_steps[0]), decode_steps=decode_steps[0],
-        static_cache=agent.static_cache,
+        static_cache=agent.static_cache, merge_lora=agent.merge_lora,
         parameters=sum(p.numel() for p in agent.policy.parameters()),
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # KiB on Linux
         peak_gpu_mb=torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
@@ -194,6 +202,7 @@ if __name__ == "__main__":
                    "--model", a.model, "--text-layers", str(a.text_layers), "--vision-depth", str(a.vision_depth)]
         command += (["--cuda"] if a.cuda else []) + (["--full-depth"] if a.full_depth else [])
         command += [] if a.static_cache is None else ["--static-cache" if a.static_cache else "--no-static-cache"]
+        command += ["--merge-lora-rollout"] if a.merge_lora_rollout else []
         command += ["--max-new-tokens", str(a.max_new_tokens)] if a.max_new_tokens else []
         env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads))
         out = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
@@ -209,7 +218,7 @@ if __name__ == "__main__":
               f"{r['sps']:.2f} env steps/s, "
               f"{r['sps'] / results[0]['sps']:.2f}x; {memory}; {r['response_tokens']:.1f} tokens per answer; "
               f"generate {r['ms_per_decode_step']:.1f} ms per decoding step ({r['decode_steps']} steps, static cache "
-              f"{'on' if r['static_cache'] else 'off'})")
+              f"{'on' if r['static_cache'] else 'off'}, LoRA merged {'on' if r['merge_lora'] else 'off'})")
         for part in PARTS:
             print(f"  {part:<22} {r['parts'][part]:8.2f} s {100 * r['parts'][part] / r['seconds']:6.1f} %")
         model = sum(r["parts"][p] for p in MODEL_PARTS)
