@@ -2308,6 +2308,25 @@ def tiny_qwen_family(out, family):
     return saved(out, model, processor)
 
 
+def test_lora_targets_on_the_published_configs():
+    """The LoRA pattern on the real layouts (built on the meta device: no weights), against a count by hand from each
+    config: r (in + out) for q, k, v, o, gate, up, down of every text layer, nothing in the vision tower. The
+    Qwen2-VL figures are also what peft added on the GPU (benchmarks/memory_estimate.py uses these counts)."""
+    sys.path.insert(0, str(HERE / "benchmarks"))
+    import memory_estimate
+
+    def by_hand(layers, hidden, q, kv, mlp):  # widths of the q / k, v / MLP projections
+        return layers * 16 * (2 * (hidden + q) + 2 * (hidden + kv) + 3 * (hidden + mlp))
+
+    expected = {"Qwen/Qwen2-VL-2B-Instruct": by_hand(28, 1536, 1536, 256, 8960),  # 18,464,768 on the H100
+                "Qwen/Qwen2-VL-7B-Instruct": by_hand(28, 3584, 3584, 512, 18944),  # 40,370,176 there
+                "Qwen/Qwen2.5-VL-3B-Instruct": by_hand(36, 2048, 2048, 256, 11008),
+                "google/gemma-3-4b-it": by_hand(34, 2560, 8 * 256, 4 * 256, 10240)}
+    for name, lora in expected.items():
+        assert memory_estimate.shape(name)[1] == lora, name
+    assert expected["Qwen/Qwen2-VL-2B-Instruct"] == 2_227_450_368 - 2_208_985_600
+
+
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "gemma3", "internvl", "llava_onevision", "smolvlm"])
 def test_other_families_train(tmp_path, family):
     """Qwen2.5-VL, Qwen3-VL, Gemma 3 (one (3, H, W) image per frame, token_type_ids), InternVL (each frame cut into

@@ -24,10 +24,11 @@ parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--model", choices=["2b", "7b"], default="2b", help="the layout (full depth)")
 parser.add_argument("--batch", type=int, default=64, help="prompts per generate call")
 parser.add_argument("--max-new-tokens", type=int, default=48, help="tokens per answer (random weights use them all)")
-parser.add_argument("--variants", nargs="+", default=["dynamic", "static", "merged"])
+parser.add_argument("--variants", nargs="+", default=["dynamic", "static", "merged"], choices=["dynamic", "static", "merged"],
+                    help="decoding variants, timed in this order")
 parser.add_argument("--repeats", type=int, default=3, help="timed calls per variant, after one untimed call")
 parser.add_argument("--profile", action="store_true", help="also print the top operations of one static call")
-parser.add_argument("--seed", type=int, default=1)
+parser.add_argument("--seed", type=int, default=1, help="seed of the weights and the envs")
 parser.add_argument("--cpu", action="store_true", help="a smoke test: 2 text layers, 2 vision blocks, fp32 on the CPU")
 
 
