@@ -9,7 +9,9 @@ Resumable: runs go through benchmarks/ablations.py's run_one (variant `vldac`), 
 Before RL, per env, from the base tiny model (child processes, one thread each; OUT/base.json):
 - caption accuracy on 200 held-out frames (tiny_vlm.caption_accuracy);
 - parse failures at temperature 1 on 200 held-out task prompts (tiny_vlm.parse_failure_rate);
-- a uniformly random policy's success rate and mean return over 200 episodes (the signal RL starts from).
+- a uniformly random policy's success rate and mean return over 200 episodes (the signal RL starts from);
+  MiniWorld also a blind policy that moves forward 90% of the time (else a uniformly random action): what RL can
+  reach without looking, so that a gain above it needs the frames.
 Blackjack also gets the exact expected return of basic strategy (the best hit/stand decision for every hand,
 an infinite deck, these rules) and of the random policy, by recursion over the cards (blackjack_return).
 Per run: the success rate over the episodes that ended in the first and in the last quarter of the env steps (from
@@ -106,15 +108,24 @@ def base_report(env_id, episodes=200):
     model, processor = vlm.load_policy("tiny", env_id=env_id)
     report = dict(model=tiny_model_name(env_id), caption_accuracy=tiny_vlm.caption_accuracy(model, processor, env_id),
                   parse_failure_rate=tiny_vlm.parse_failure_rate(model, processor, env_id))
-    env, rng, wins, returns = envs.make_env(env_id), np.random.default_rng(0), 0, []
-    for episode in range(episodes):
-        env.reset(seed=10_000 + episode)
-        done, total = False, 0.0
-        while not done:
-            _, reward, terminated, truncated, info = env.step(int(rng.integers(len(env.actions))))
-            done, total = terminated or truncated, total + reward
-        wins, returns = wins + info["success"], returns + [total]
-    return dict(report, random_success=wins / episodes, random_return=statistics.mean(returns))
+    env = envs.make_env(env_id)
+
+    def play(forward_share):  # (success rate, mean return) of a blind policy over `episodes` episodes
+        rng, wins, returns = np.random.default_rng(0), 0, []
+        for episode in range(episodes):
+            env.reset(seed=10_000 + episode)
+            done, total = False, 0.0
+            while not done:
+                forward = forward_share and rng.random() < forward_share  # no draw for the random policy
+                action = env.actions.index("move forward") if forward else int(rng.integers(len(env.actions)))
+                _, reward, terminated, truncated, info = env.step(action)
+                done, total = terminated or truncated, total + reward
+            wins, returns = wins + info["success"], returns + [total]
+        return wins / episodes, statistics.mean(returns)
+
+    success, mean_return = play(0.0)
+    forward = play(0.9)[0] if env_id.startswith("MiniWorld") else None
+    return dict(report, random_success=success, random_return=mean_return, forward_success=forward)
 
 
 def base_reports(out, env_ids):
@@ -156,11 +167,12 @@ def summarise(run, target):
 def report(results, env_ids, base, out):
     lines = ["## Before RL: the base tiny model", "",
              "| env | caption accuracy | parse failures (temperature 1) | random policy: success | random policy: "
-             "mean return |", "|---|---|---|---|---|"]
+             "mean return | blind, 90% forward: success |", "|---|---|---|---|---|---|"]
     for env_id in env_ids:
         b = base[env_id]
         lines.append(f"| {env_id} | {b['caption_accuracy']:.3f} | {b['parse_failure_rate']:.3f} | "
-                     f"{b['random_success']:.3f} | {b['random_return']:.3f} |")
+                     f"{b['random_success']:.3f} | {b['random_return']:.3f} | "
+                     f"{'-' if b.get('forward_success') is None else format(b['forward_success'], '.3f')} |")
     lines += ["", "## RL: VL-DAC with the tiny defaults", "",
               "| env | seed | success: first quarter -> last quarter of the env steps (episodes) | peak (3-iteration "
               "mean) | target: env steps, minutes | mean return, last quarter | caption after RL | env steps, "
