@@ -69,8 +69,8 @@ def vision_token_ids(model):
 @contextlib.contextmanager
 def lora_merged(model):
     """Decode with the LoRA adapter folded into the weights: W + (alpha / r) B A in place, the adapter disabled, so
-    each adapted layer costs one matrix product instead of three (2B layout on an H100, batch 64: 9.6 -> 7.1 ms per
-    decoding step). Afterwards the weights are restored bit for bit from a copy: peft's unmerge_adapter subtracts
+    each adapted layer costs one matrix product instead of three (2B layout on an H100, batch 64: 9.6 -> 7.1-8.3 ms
+    per decoding step). Afterwards the weights are restored bit for bit from a copy: peft's unmerge_adapter subtracts
     the update again, which rounds bf16 weights on every round trip, a random walk that would move the frozen
     reference (the adapter disabled) as well. The copy costs GPU memory: 2.6 GB at 2B, 13 GB at 7B."""
     layers = [layer for layer in model.modules() if isinstance(layer, LoraLayer)]

@@ -96,8 +96,8 @@ def run_worker(a):
     agent, processor = vldac.make_agent(args, device, built)
     optimizer = torch.optim.Adam([p for p in agent.parameters() if p.requires_grad], lr=args.learning_rate, eps=1e-5)
     runner = rollout.EnvRunner(env_list, args.seed)
-    # Warm-up, not timed: one rollout step (the static cache compiles) and one update on it (a process's first
-    # backward loads its GPU kernels: on a fresh GPU machine the first process's update ran 2.6x slower).
+    # Warm-up, not timed: one rollout step (the static cache compiles) and one update on it (on a freshly started
+    # GPU machine the first process's update ran 2.6x slower than the next process's).
     warm = runner.collect(agent, processor, 1, args.temperature, args.max_new_tokens)
     advantages, returns = vldac.compute_gae(warm.rewards, warm.values, warm.terminated, warm.truncated,
                                             warm.bootstrap_values, warm.last_values, args.gamma, args.gae_lambda)
