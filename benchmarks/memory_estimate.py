@@ -4,6 +4,7 @@ published config built on the meta device (no weights, no download), LoRA on the
 activation memory per token is fitted to one H100 measurement (the 7B layout) and checked against another (the 2B
 layout at micro-batch 32). Usage: python benchmarks/memory_estimate.py [--micro-batch-size 4]"""
 import argparse
+import functools
 import re
 import sys
 from pathlib import Path
@@ -52,6 +53,7 @@ PROMPT_TOKENS = {"qwen": {"NumberLine": 121 + 2 + 130, "MiniWorld-OneRoom": 4 * 
                  "gemma": {"NumberLine": 256 + 2 + 130, "MiniWorld-OneRoom": 4 * (256 + 2) + 185}}
 
 
+@functools.lru_cache(maxsize=None)  # each config is built once, however many envs and checks ask
 def shape(name):
     """(parameters, LoRA parameters, layers, hidden, vocab, KV width) of a published config, built on meta."""
     cls, config = BACKBONES[name]
