@@ -253,6 +253,14 @@ def make_agent(args, device, built=None):
     return agent, processor
 
 
+def make_value_head(hidden):
+    """V_phi (Eq. 4): an MLP on the last prompt token's state. The official head is hidden -> 3072 -> 2048 -> 1;
+    for small models the widths shrink with the hidden size (4x, then 2/3 of that)."""
+    width = min(3072, 4 * hidden)
+    return nn.Sequential(nn.Linear(hidden, width), nn.ReLU(), nn.Linear(width, width * 2 // 3), nn.ReLU(),
+                         nn.Linear(width * 2 // 3, 1))
+
+
 class Agent(nn.Module):
     """The VLM policy, its value head, and the KL reference (the adapter disabled, or a frozen copy)."""
 
@@ -261,9 +269,7 @@ class Agent(nn.Module):
         self.policy, self.temperature, self.value_stop_grad = policy, temperature, value_stop_grad
         self.static_cache, self.merge_lora = static_cache, merge_lora  # how the rollout decodes (rollout.generate)
         hidden = rollout.base_model(policy).config.get_text_config().hidden_size
-        width = min(3072, 4 * hidden)  # official head: hidden -> 3072 -> 2048 -> 1; narrower for small models
-        self.value_head = nn.Sequential(nn.Linear(hidden, width), nn.ReLU(), nn.Linear(width, width * 2 // 3),
-                                        nn.ReLU(), nn.Linear(width * 2 // 3, 1)).to(policy.device)
+        self.value_head = make_value_head(hidden).to(policy.device)
         # with LoRA the reference is the same network with the adapter disabled: no second copy in memory
         self.reference = None if isinstance(policy, PeftModel) else [copy.deepcopy(policy).eval().requires_grad_(False)]
         self.suppress_token_ids = rollout.vision_token_ids(policy)  # scored as generate() samples them: never
