@@ -699,12 +699,30 @@ class MiniWorldTextEnv(TextEnv):
 
     unsolved_penalty = -1.0
 
-    def __init__(self, env, env_id, **kwargs):
+    def __init__(self, env, env_id, shaping=0.0, **kwargs):
         # recorded first, so that TextEnv's own record (the action list) is skipped: the spec rebuilds this class
-        gym.utils.RecordConstructorArgs.__init__(self, env_id=env_id, **kwargs)
+        gym.utils.RecordConstructorArgs.__init__(self, env_id=env_id, shaping=shaping, **kwargs)
         super().__init__(env, MINIWORLD_ACTIONS, **kwargs)
         self.task = MINIWORLD_TASKS[env_id]
         self.max_steps = env.spec.max_episode_steps
+        self.shaping = shaping
+
+    def step(self, answer):
+        """The paper's sparse reward, plus potential-based shaping Phi(s') - Phi(s) when shaping > 0 (not the
+        paper's: a diagnostic). info["success"] is decided on the env's own reward, before the shaping."""
+        before = self.potential()
+        observation, reward, terminated, truncated, info = super().step(answer)
+        return observation, reward + self.potential() - before, terminated, truncated, info
+
+    def potential(self):
+        """Phi(s) = -shaping * (metres to the red box + degrees between heading and box / 100): one forward step
+        (0.15 m) or one turn (15 degrees) towards the box raises it alike. Over an episode the shaping sums to
+        Phi(last) - Phi(first), so no path earns more than another that ends in the same place."""
+        if not self.shaping:
+            return 0.0
+        world = self.env.unwrapped
+        metres = float(np.linalg.norm(world.box.pos[[0, 2]] - world.agent.pos[[0, 2]]))
+        return -self.shaping * (metres + abs(box_bearing(world)) / 100)
 
     def state_text(self):
         return miniworld_view_text(self.env.unwrapped)
@@ -729,11 +747,13 @@ class MiniWorldTextEnv(TextEnv):
         )
 
 
-def make_env(env_id, num_frames=None, text_obs=False, invalid_action_penalty=None, frame_size=(80, 60)):
+def make_env(env_id, num_frames=None, text_obs=False, invalid_action_penalty=None, frame_size=(80, 60), shaping=0.0):
     """A TextEnv for one of ENV_IDS. num_frames: None = 4 for MiniWorld, 1 for gym-cards.
-    frame_size = (width, height), MiniWorld only (80x60 as the authors)."""
+    frame_size = (width, height) and shaping (MiniWorldTextEnv.potential's coefficient), MiniWorld only."""
     if env_id not in ENV_IDS:
         raise ValueError(f"unknown env_id {env_id!r}; valid ids: {', '.join(ENV_IDS)}")
+    if shaping and env_id in CARD_IDS:
+        raise ValueError(f"reward shaping is for MiniWorld only, not {env_id}")
     kwargs = dict(text_obs=text_obs, invalid_action_penalty=invalid_action_penalty)
     if env_id in CARD_IDS:
         env = gym.make(env_id)
@@ -745,4 +765,4 @@ def make_env(env_id, num_frames=None, text_obs=False, invalid_action_penalty=Non
                            obs_width=frame_size[0], obs_height=frame_size[1])
     except Exception as e:  # the framebuffer is created here; a broken GL stack fails here
         raise RuntimeError(_GL_HELP.format(e=f"{type(e).__name__}: {e}".splitlines()[0])) from e
-    return MiniWorldTextEnv(env, env_id, num_frames=4 if num_frames is None else num_frames, **kwargs)
+    return MiniWorldTextEnv(env, env_id, shaping=shaping, num_frames=4 if num_frames is None else num_frames, **kwargs)

@@ -528,6 +528,36 @@ def test_invalid_action_penalty_and_info():
     assert r == {0: -1.0, 1: 1.0}[info["action"]] - 0.5
 
 
+def test_miniworld_shaping_pays_the_potential_difference_and_keeps_the_reward():
+    """Shaping adds Phi(s') - Phi(s) to the paper's reward and nothing else: the same seed and actions give the
+    same frames, success and sparse reward, and the added amounts sum to Phi(last) - Phi(first), computed here
+    from the simulator's positions, not through envs' own potential."""
+    plain, shaped = envs.make_env("MiniWorld-OneRoom-v0"), envs.make_env("MiniWorld-OneRoom-v0", shaping=0.3)
+    world = shaped.env.unwrapped
+
+    def phi():
+        offset = world.box.pos[[0, 2]] - world.agent.pos[[0, 2]]
+        heading = math.degrees(math.atan2(offset @ world.agent.right_vec[[0, 2]], offset @ world.agent.dir_vec[[0, 2]]))
+        return -0.3 * (math.hypot(*offset) + abs(heading) / 100)
+
+    for env in (plain, shaped):
+        env.reset(seed=5)
+    first, added, rng = phi(), [], np.random.default_rng(0)
+    for _ in range(60):
+        action = int(rng.integers(4))
+        before = phi()
+        a, b = plain.step(action), shaped.step(action)
+        assert np.array_equal(a[0], b[0]) and a[2:4] == b[2:4] and a[4]["success"] == b[4]["success"]
+        added.append(b[1] - a[1])
+        assert added[-1] == pytest.approx(phi() - before, abs=1e-9)
+        if a[2] or a[3]:
+            break
+    assert sum(added) == pytest.approx(phi() - first, abs=1e-9) and max(map(abs, added)) > 0.01
+    with pytest.raises(ValueError, match="MiniWorld only"):
+        envs.make_env("gym_cards/NumberLine-v0", shaping=0.3)
+    plain.close(), shaped.close()
+
+
 # -- Frames, prompts, seeding
 
 
@@ -926,7 +956,8 @@ def test_response_mask_through_first_eos():
 def test_bad_inputs_one_line_exit_2(tiny_dir, capsys):
     bad = [dict(env_id="gym_cards/Nope-v0"), dict(minibatch_size=8), dict(minibatch_size=3),
            dict(micro_batch_size=3), dict(total_timesteps=2), dict(temperature=0.0), dict(num_envs=0),
-           dict(num_steps=0), dict(thought_coef=-1.0), dict(threads=-1), dict(merge_lora_rollout=True)]
+           dict(num_steps=0), dict(thought_coef=-1.0), dict(threads=-1), dict(merge_lora_rollout=True),
+           dict(reward_shaping=0.3), dict(env_id="MiniWorld-OneRoom-v0", reward_shaping=-0.1)]
     for overrides in bad:
         with pytest.raises(SystemExit) as exit_info:
             make_args(tiny_dir, **overrides)

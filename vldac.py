@@ -87,6 +87,10 @@ class Args:
     """if toggled, the prompt also states the last frame's content in text (the tiny model was not taught it)"""
     invalid_action_penalty: Optional[float] = None
     """reward added when an answer cannot be parsed (None: none; the env plays a random action anyway)"""
+    reward_shaping: float = 0.0
+    """MiniWorld only, NOT the paper (a diagnostic; 0 = its sparse reward): each step also earns Phi(s') - Phi(s),
+    Phi = -c (metres to the red box + degrees off its bearing / 100); c = 0.3 pays about 0.045 per step towards it.
+    Success is still the env's. It tells a learner that cannot learn from a dense reward from a reward too sparse"""
 
     # Model. None = the model's defaults table below: PAPER_DEFAULTS, or TINY_DEFAULTS for --model-id tiny
     model_id: str = "tiny"
@@ -215,6 +219,8 @@ def resolve_args(args):
         fail("--baseline loop runs in one process (its rollouts differ in length between ranks)")
     if args.thought_coef < 0:
         fail(f"--thought-coef must be >= 0, got {args.thought_coef}")
+    if args.reward_shaping < 0 or (args.reward_shaping and family != "MiniWorld"):
+        fail(f"--reward-shaping must be >= 0 and is for MiniWorld only, got {args.reward_shaping} on {args.env_id}")
     if args.temperature <= 0:
         fail(f"--temperature must be > 0 (sampling from the policy), got {args.temperature}")
     if args.track and importlib.util.find_spec("wandb") is None:
@@ -488,7 +494,7 @@ if __name__ == "__main__":
 
     try:  # MiniWorld without a working GL context raises, saying what to install
         env_list = [envs.make_env(args.env_id, args.num_frames, args.text_obs, args.invalid_action_penalty,
-                                  args.frame_size) for _ in range(args.num_envs)]
+                                  args.frame_size, args.reward_shaping) for _ in range(args.num_envs)]
     except RuntimeError as e:
         fail(str(e))
     agent, processor = make_agent(args, device)
