@@ -4,7 +4,9 @@ Writes a markdown table to OUT/learning.md (default docs/learning.md) and prints
     python benchmarks/learning.py                                   # every env, seeds 1 2 3 (about 12 h of one core)
     python benchmarks/learning.py --envs MiniWorld-OneRoom-v0 MiniWorld-Hallway-v0 --jobs 2
     python benchmarks/learning.py --envs gym_cards/Blackjack-v0 --seeds 1 --total-timesteps 512 --out /tmp/learn
-Resumable: runs go through benchmarks/ablations.py's run_one (variant `vldac`), so a finished run is never redone.
+    python benchmarks/learning.py --envs MiniWorld-OneRoom-v0 --variants vldac-shaped --total-timesteps 6144
+Resumable: runs go through benchmarks/ablations.py's run_one (default variant `vldac`; --variants picks others from
+its VARIANTS, e.g. `vldac-shaped`, the diagnostic with MiniWorld's reward shaping), so a finished run is never redone.
 
 Before RL, per env, from the base tiny model (child processes, one thread each; OUT/base.json):
 - caption accuracy on 200 held-out frames (tiny_vlm.caption_accuracy);
@@ -32,7 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ablations import ROOT, child_env, hardware, moving_average, run_one, tiny_model_name  # noqa: E402
+from ablations import ROOT, VARIANTS, child_env, hardware, moving_average, run_one, tiny_model_name  # noqa: E402
 
 # env steps per run: about 30 minutes of one core at the tiny model's speed on each env (measured SPS x 1800 s)
 BUDGETS = {
@@ -149,7 +151,9 @@ def episode_success(run_dir):
     line = re.compile(r"steps (\d+) SPS [\d.]+ \| success ([\d.]+) return \S+ \((\d+) episodes\)")
     rows = [(int(m[1]), float(m[2]), int(m[3])) for m in line.finditer((run_dir / "train.log").read_text())]
     last = rows[-1][0] if rows else 0
-    quarter = lambda keep: (sum(n for s, x, n in rows if keep(s)), sum(x * n for s, x, n in rows if keep(s)))  # noqa
+    def quarter(keep):  # (episodes, successes); the log rounds the rate to 2 digits, a count of wins is whole
+        return sum(n for s, x, n in rows if keep(s)), sum(round(x * n) for s, x, n in rows if keep(s))
+
     return quarter(lambda s: s <= last / 4), quarter(lambda s: s > last * 3 / 4)
 
 
@@ -174,19 +178,19 @@ def report(results, env_ids, base, out):
                      f"{b['random_success']:.3f} | {b['random_return']:.3f} | "
                      f"{'-' if b.get('forward_success') is None else format(b['forward_success'], '.3f')} |")
     lines += ["", "## RL: VL-DAC with the tiny defaults", "",
-              "| env | seed | success: first quarter -> last quarter of the env steps (episodes) | peak (3-iteration "
-              "mean) | target: env steps, minutes | mean return, last quarter | caption after RL | env steps, "
-              "minutes in all |", "|" + "---|" * 8]
+              "| env | variant | seed | success: first quarter -> last quarter of the env steps (episodes) | peak "
+              "(3-iteration mean) | target: env steps, minutes | mean return, last quarter | caption after RL | "
+              "env steps, minutes in all |", "|" + "---|" * 9]
     for env_id in env_ids:
         target = TARGETS.get(env_id)
-        for run in sorted((r for r in results if r["env_id"] == env_id), key=lambda r: r["seed"]):
+        for run in sorted((r for r in results if r["env_id"] == env_id), key=lambda r: (r["variant"], r["seed"])):
             s = summarise(run, target)
-            (n1, w1), (n4, w4) = episode_success(out / env_id.split("/")[-1] / "vldac" / f"seed{run['seed']}")
+            (n1, w1), (n4, w4) = episode_success(out / env_id.split("/")[-1] / run["variant"] / f"seed{run['seed']}")
             reach = "-" if target is None else (f">= {target}: never" if s["steps_to"] is None else
                                                 f">= {target}: {s['steps_to']:,}, {s['minutes_to']:.1f} min")
-            lines.append(f"| {env_id} | {run['seed']} | {w1 / max(n1, 1):.3f} ({n1}) -> {w4 / max(n4, 1):.3f} ({n4}) | "
-                         f"{s['peak']:.2f} | {reach} | {s['last_return']:.3f} | {run['caption_after']:.3f} | "
-                         f"{s['steps']:,}, {s['minutes']:.1f} min |")
+            lines.append(f"| {env_id} | {run['variant']} | {run['seed']} | {w1 / max(n1, 1):.3f} ({n1}) -> "
+                         f"{w4 / max(n4, 1):.3f} ({n4}) | {s['peak']:.2f} | {reach} | {s['last_return']:.3f} | "
+                         f"{run['caption_after']:.3f} | {s['steps']:,}, {s['minutes']:.1f} min |")
     if "gym_cards/Blackjack-v0" in env_ids:
         lines += ["", f"Blackjack, expected return per hand under these rules (exact, `blackjack_return`): basic "
                       f"strategy {blackjack_return():.4f}, uniformly random hit/stand {blackjack_return(0.5):.4f}."]
@@ -197,6 +201,8 @@ def main():
     parser = argparse.ArgumentParser(description="RL on every env with the tiny model (see the module docstring).")
     parser.add_argument("--envs", nargs="+", default=list(BUDGETS), metavar="ENV", help="(default: all eight)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3], help="(default: 1 2 3)")
+    parser.add_argument("--variants", nargs="+", default=["vldac"], choices=VARIANTS, metavar="VARIANT",
+                        help="benchmarks/ablations.py's VARIANTS (default: vldac, as shipped)")
     parser.add_argument("--total-timesteps", type=int, default=None, help="env steps per run (default: BUDGETS)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count(), help="runs at a time, one thread each")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "learning", help="runs (default: runs/learning)")
@@ -214,11 +220,11 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
     base = base_reports(out, args.envs)
-    todo = [(env_id, seed) for env_id in args.envs for seed in args.seeds]
+    todo = [(env_id, variant, seed) for env_id in args.envs for variant in args.variants for seed in args.seeds]
     print(f"{len(todo)} runs, {args.jobs} at a time, in {out}", flush=True)
     with ThreadPoolExecutor(args.jobs) as pool:
-        results = [r for r in pool.map(lambda job: run_one(out, job[0], "vldac", job[1], args.total_timesteps
-                                                           or BUDGETS[job[0]]), todo) if r]
+        results = [r for r in pool.map(lambda job: run_one(out, *job, args.total_timesteps or BUDGETS[job[0]]),
+                                       todo) if r]
     text = "\n".join([
         "# RL on every env with the tiny model", "", report(results, args.envs, base, out), "",
         f"{len(results)}/{len(todo)} runs finished; this invocation took {(time.time() - start) / 60:.0f} min, the "
