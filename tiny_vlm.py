@@ -102,22 +102,27 @@ class TinyConfig:
     # 0.32 rad per column on the fastest width pair (docs/tiny_model.md)
     rope_theta: float = 10000.0
     mrope_section: tuple = ()  # () = Qwen2-VL's proportions
+    # Card games: every sample starts from a new deal. Otherwise the next samples walk on from the last one and
+    # share its cards: a Points24 deal lasts about 10 samples, so a batch of 32 captions held about 3 deals
+    fresh_deal: bool = False
 
 
 # One tiny model per family of envs, each pre-trained on its own frames: one model for several games read none
 # of them within the budget (docs/tiny_model.md). `--model-id tiny` picks the family of `--env-id`.
 _READER = dict(caption_formula=False, aux_pool="flat")
+_CARDS = dict(_READER, fresh_deal=True)
+# Rotary frequencies that let attention tell image columns apart (TinyConfig.rope_theta, docs/tiny_model.md)
+_COLUMNS = dict(rope_theta=100.0, mrope_section=(2, 2, 12))
 FAMILIES = {
     "numberline": TinyConfig(),
-    "ezpoints": TinyConfig(env_ids=("gym_cards/EZPoints-v0",), env_weights=(1.0,), pretrain_steps=800, **_READER),
-    # Points24's four small cards are not read even by the vision tower alone (docs/tiny_model.md): the build
-    # teaches the answer format only, so it is short
-    "points24": TinyConfig(env_ids=("gym_cards/Points24-v0",), env_weights=(1.0,), pretrain_steps=300, **_READER),
-    "blackjack": TinyConfig(env_ids=("gym_cards/Blackjack-v0",), env_weights=(1.0,), pretrain_steps=700, **_READER),
+    "ezpoints": TinyConfig(env_ids=("gym_cards/EZPoints-v0",), env_weights=(1.0,), pretrain_steps=300, **_CARDS),
+    # four small cards side by side: which is which needs the column rotations too
+    "points24": TinyConfig(env_ids=("gym_cards/Points24-v0",), env_weights=(1.0,), pretrain_steps=700, **_CARDS,
+                           **_COLUMNS),
+    "blackjack": TinyConfig(env_ids=("gym_cards/Blackjack-v0",), env_weights=(1.0,), pretrain_steps=400, **_CARDS),
     # 4-frame task prompts are long: 2 per step instead of 4; where the box is needs fast width rotations
     "miniworld": TinyConfig(env_ids=tuple(envs.MINIWORLD_IDS), env_weights=(1.0,) * 4, state_pool=1500,
-                            format_batch_size=2, pretrain_steps=1000, rope_theta=100.0, mrope_section=(2, 2, 12),
-                            **_READER),
+                            format_batch_size=2, pretrain_steps=1000, **_COLUMNS, **_READER),
 }
 
 
@@ -197,8 +202,9 @@ class StateSampler:
     random steps before each sample. With pool=N: N states per env drawn once (MiniWorld walks head for the box
     half the time: a random walk rarely comes near it), then sampled with every caption equally often."""
 
-    def __init__(self, env_ids, seed, weights=None, pool=0, caption_formula=True):
+    def __init__(self, env_ids, seed, weights=None, pool=0, caption_formula=True, fresh_deal=False):
         self.rng = np.random.default_rng(seed)
+        self.fresh_deal = fresh_deal
         self.envs = [envs.make_env(env_id) for env_id in env_ids]
         self.weights = None if weights is None else np.asarray(weights) / np.sum(weights)
         self.caption_formula = caption_formula
@@ -212,6 +218,8 @@ class StateSampler:
             states, weights = self.pools[index]
             return states[self.rng.choice(len(states), p=weights)]
         env = self.envs[index]
+        if self.fresh_deal:
+            env.reset(seed=int(self.rng.integers(2**31)))
         for _ in range(int(self.rng.integers(0, 4))):  # a few random steps: formulas, hands, moves
             _, _, terminated, truncated, _ = env.step(int(self.rng.integers(len(env.actions))))
             if terminated or truncated:
@@ -233,6 +241,11 @@ class StateSampler:
         counts = collections.Counter(state[2] for state in states)
         weights = np.array([1.0 / counts[state[2]] for state in states])
         return states, weights / weights.sum()
+
+
+def sampler_of(cfg: TinyConfig, env_ids, seed, weights=None) -> StateSampler:
+    """The states cfg's family learns from (and is probed on, from another seed)."""
+    return StateSampler(env_ids, seed, weights, cfg.state_pool, cfg.caption_formula, cfg.fresh_deal)
 
 
 def caption(env, formula=True):
@@ -370,8 +383,7 @@ def caption_accuracy(model, processor, env_id, num_frames=200, seed=12345, batch
 
 def held_out_states(env_id, num_states, seed=12345):
     """States drawn as the env's family draws them in pre-training, from a seed that pre-training never uses."""
-    cfg = config_for(env_id)
-    sampler = StateSampler([env_id], seed=seed, pool=cfg.state_pool, caption_formula=cfg.caption_formula)
+    sampler = sampler_of(config_for(env_id), [env_id], seed)
     return [sampler.sample() for _ in range(num_states)]
 
 
@@ -418,9 +430,8 @@ def build(out_dir, cfg: TinyConfig = TinyConfig(), progress=True):
     """Build, pre-train and save (model + processor + a card with what was measured) to out_dir."""
     start = time.time()
     torch.manual_seed(cfg.seed)
-    recipe = dict(pool=cfg.state_pool, caption_formula=cfg.caption_formula)
-    processor = build_processor(cfg, tokenizer_corpus(StateSampler(cfg.env_ids, seed=cfg.seed, **recipe)))
-    sampler = StateSampler(cfg.env_ids, seed=cfg.seed, weights=cfg.env_weights, **recipe)
+    processor = build_processor(cfg, tokenizer_corpus(sampler_of(cfg, cfg.env_ids, cfg.seed)))
+    sampler = sampler_of(cfg, cfg.env_ids, cfg.seed, weights=cfg.env_weights)
     model = build_model(cfg, processor.tokenizer)
     pretrain(model, processor, sampler, cfg, progress=progress)
     out_dir = Path(out_dir)
@@ -451,7 +462,7 @@ def rendering_key(env_ids) -> str:
 def cache_path(cfg: TinyConfig) -> Path:
     """Where the model of cfg is cached: keyed by its config, the data version and how this machine renders."""
     later = {"state_pool": 0, "caption_formula": True, "aux_pool": "mean",  # hashed only when changed (TinyConfig)
-             "rope_theta": 10000.0, "mrope_section": ()}
+             "rope_theta": 10000.0, "mrope_section": (), "fresh_deal": False}
     fields = {k: v for k, v in asdict(cfg).items() if k not in later or v != later[k]}
     rendering = rendering_key(envs_read(cfg))
     key = hashlib.sha1(json.dumps([fields, DATA_VERSION] + [rendering] * bool(rendering),
