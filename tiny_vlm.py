@@ -121,7 +121,7 @@ FAMILIES = {
                            **_COLUMNS),
     "blackjack": TinyConfig(env_ids=("gym_cards/Blackjack-v0",), env_weights=(1.0,), pretrain_steps=400, **_CARDS),
     # 4-frame task prompts are long: 2 per step instead of 4; where the box is needs fast width rotations
-    "miniworld": TinyConfig(env_ids=tuple(envs.MINIWORLD_IDS), env_weights=(1.0,) * 4, state_pool=1500,
+    "miniworld": TinyConfig(env_ids=tuple(envs.MINIWORLD_IDS), env_weights=(1.0,) * 4, state_pool=4000,
                             format_batch_size=2, pretrain_steps=1000, **_COLUMNS, **_READER),
 }
 
