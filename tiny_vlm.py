@@ -199,7 +199,8 @@ def build_model(cfg: TinyConfig, tokenizer) -> Qwen2VLForConditionalGeneration:
 # ---------------------------------------------------------------------------- 4. data
 class StateSampler:
     """States to learn from, as (frames, prompt, caption, actions, answer_of). Without a pool: a few uniformly
-    random steps before each sample. With pool=N: N states per env drawn once (MiniWorld walks head for the box
+    random steps before each sample, from where the last sample left off or, with fresh_deal, from a new deal
+    (episode) each time. With pool=N: N states per env drawn once (MiniWorld walks head for the box
     half the time: a random walk rarely comes near it), then sampled with every caption equally often."""
 
     def __init__(self, env_ids, seed, weights=None, pool=0, caption_formula=True, fresh_deal=False):
