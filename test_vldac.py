@@ -1856,7 +1856,8 @@ def test_card_families_learn_from_a_new_deal_each_sample():
         sampler = tiny_vlm.StateSampler(["gym_cards/Points24-v0"], seed=0, caption_formula=False, fresh_deal=fresh)
         return len({sampler.sample()[2] for _ in range(32)})
 
-    assert deals(fresh=True) >= 30 and deals(fresh=False) <= 12, (deals(True), deals(False))
+    fresh, walked_on = deals(fresh=True), deals(fresh=False)  # 32 and 4 measured
+    assert fresh >= 30 and walked_on <= 12, (fresh, walked_on)
     cards = {n for n, cfg in tiny_vlm.FAMILIES.items() if cfg.fresh_deal}
     assert cards == {"ezpoints", "points24", "blackjack"}, cards
     for env_id in ("gym_cards/Points24-v0", "gym_cards/Blackjack-v0"):  # the probe's held-out states too
