@@ -1,14 +1,15 @@
 """pytest hooks for test_vldac.py: the tiny models build in the background while the tests that need none run.
 
 Building the tiny models (one per family of envs, tiny_vlm.FAMILIES) is most of the suite's CPU time when the cache
-is empty, as in CI. Waiting for each build in the fixture that first needs it leaves a core idle for minutes;
-instead every build the selected tests need starts as soon as they are collected, two at a time, each in a
-one-thread process (the same model, bit for bit, as `OMP_NUM_THREADS=1 python tiny_vlm.py`), NumberLine's first.
-The tests that need a built model run last (NumberLine's model before the others), so the rest run meanwhile.
+is empty, as in CI. NumberLine's model, which most tests load, is built first, alone: its recipe builds with two
+threads (TinyConfig.build_threads), and two OpenMP threads beside other work wait on each other
+(docs/performance.md). The other families' builds (one thread each) then run in the background, two at a time,
+while the tests run; the tests that need one of those models run last.
 """
 import os
 import subprocess
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -22,12 +23,15 @@ MODEL_FIXTURES = {"tiny_pretrained": ["numberline"],
                   "tiny_families": [name for name in tiny_vlm.FAMILIES if name != "numberline"]}
 _builds = {}  # family -> Future of its build
 _running = {}  # family -> its build's process, while it runs
+_stopping = threading.Event()  # set when the session ends: no build starts after that
 
 
 def _build(name):
-    """Build family `name`'s model into the cache in a one-thread child process (nothing if it is cached)."""
+    """Build family `name`'s model into the cache in a child process (nothing if it is cached)."""
     code = f"import tiny_vlm; tiny_vlm.tiny_model_path(tiny_vlm.FAMILIES[{name!r}], progress=False)"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env = dict(os.environ)  # the build sets its own thread count (TinyConfig.build_threads)
+    if _stopping.is_set():
+        return
     _running[name] = subprocess.Popen([sys.executable, "-c", code], cwd=HERE, env=env, stdout=subprocess.DEVNULL,
                                       stderr=subprocess.PIPE, text=True)
     stderr = _running[name].communicate()[1]
@@ -35,23 +39,24 @@ def _build(name):
         raise RuntimeError(f"building the tiny {name} model failed:\n{stderr[-3000:]}")
 
 
-def _rank(item):
-    """0: needs no built model, 1: NumberLine's, 2: another family's (pytest's sort is stable)."""
-    names = [n for fixture, families in MODEL_FIXTURES.items() if fixture in item.fixturenames for n in families]
-    return 0 if not names else 1 if names == ["numberline"] else 2
+def _families(item):
+    return {n for fixture, families in MODEL_FIXTURES.items() if fixture in item.fixturenames for n in families}
 
 
 @pytest.hookimpl(trylast=True)  # after -k / -m deselection
 def pytest_collection_modifyitems(items):
-    items.sort(key=_rank)
+    items.sort(key=lambda item: bool(_families(item) - {"numberline"}))  # stable: file order otherwise
 
 
 def pytest_collection_finish(session):
-    needed = {n for item in session.items for fixture, families in MODEL_FIXTURES.items()
-              if fixture in item.fixturenames for n in families}
-    # longest first after NumberLine, so that the two lanes end close together
-    order = sorted(needed, key=lambda n: (n != "numberline", -tiny_vlm.FAMILIES[n].pretrain_steps))
-    missing = [n for n in order if not (tiny_vlm.cache_path(tiny_vlm.FAMILIES[n]) / "tiny_vlm.json").exists()]
+    needed = set().union(*map(_families, session.items))
+    # longest first, so that the two lanes end close together
+    missing = [n for n in sorted(needed, key=lambda n: -tiny_vlm.FAMILIES[n].pretrain_steps)
+               if not (tiny_vlm.cache_path(tiny_vlm.FAMILIES[n]) / "tiny_vlm.json").exists()]
+    if "numberline" in missing:
+        missing.remove("numberline")
+        print("\nbuilding the tiny NumberLine model before the tests (about 5 minutes on 2 cores)", flush=True)
+        _build("numberline")
     if missing:
         pool = ThreadPoolExecutor(2)
         _builds.update({name: pool.submit(_build, name) for name in missing})
@@ -61,6 +66,7 @@ def pytest_collection_finish(session):
 def pytest_sessionfinish(session):
     """A run stopped early (-x, Ctrl-C) does not wait for builds nobody needs any more (a killed build leaves no
     half model in the cache: tiny_vlm builds into a temporary directory)."""
+    _stopping.set()
     for future in _builds.values():
         future.cancel()
     for process in list(_running.values()):

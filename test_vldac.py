@@ -750,8 +750,8 @@ def tiny_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_pretrained(wait_for_build):
-    """The real tiny model, what `--model-id tiny` loads for NumberLine: built once into the cache, in the
-    background from the start of the session (conftest.py), then loaded."""
+    """The real tiny model, what `--model-id tiny` loads for NumberLine: built into the cache before the first test
+    (conftest.py), then loaded."""
     wait_for_build("numberline")
     return vlm.load_policy("tiny", "cpu")
 
@@ -1818,6 +1818,21 @@ def test_torchrun_script_only_rank_0_logs_and_saves(tiny_dir, tmp_path):
 
 
 # ---- tiny_vlm.py (the offline stand-in for a pretrained checkpoint) ----
+
+
+def test_tiny_build_runs_with_its_recipes_thread_count(monkeypatch, tmp_path):
+    """A build uses TinyConfig.build_threads whatever the caller set (a model built with another thread count is
+    another model: NumberLine's 1-thread build did not learn within the quick-start test's budget), then gives the
+    caller's count back. NumberLine's recipe builds with 2 threads, the families after it with 1, as measured."""
+    seen = []
+    monkeypatch.setattr(tiny_vlm, "pretrain", lambda *a, **k: seen.append(torch.get_num_threads()))
+    for threads in (1, 2):
+        cfg = tiny_vlm.TinyConfig(pretrain_steps=0, build_threads=threads)
+        tiny_vlm.build(tmp_path / str(threads), cfg, progress=False)
+        assert torch.get_num_threads() == 1  # this module's setting, restored
+    assert seen == [1, 2]
+    assert {n: c.build_threads for n, c in tiny_vlm.FAMILIES.items()} == {
+        n: 2 if n == "numberline" else 1 for n in tiny_vlm.FAMILIES}
 
 
 def test_tiny_families_cover_every_env_and_keep_the_numberline_model(monkeypatch):

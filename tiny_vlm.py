@@ -105,11 +105,15 @@ class TinyConfig:
     # Card games: every sample starts from a new deal. Otherwise the next samples walk on from the last one and
     # share its cards: a batch of 32 Points24 captions held 4-5 deals, and its cards were never read
     fresh_deal: bool = False
+    # torch threads the build runs with, whatever the caller set: the order of a matrix product's sums depends on
+    # it, so a build with another count is another model (NumberLine's recipe was measured with 2; a 1-thread build
+    # of it did not learn within the quick start's test budget). The families after it were measured with 1
+    build_threads: int = 2
 
 
 # One tiny model per family of envs, each pre-trained on its own frames: one model for several games read none
 # of them within the budget (docs/tiny_model.md). `--model-id tiny` picks the family of `--env-id`.
-_READER = dict(caption_formula=False, aux_pool="flat")
+_READER = dict(caption_formula=False, aux_pool="flat", build_threads=1)
 _CARDS = dict(_READER, fresh_deal=True)
 # Rotary frequencies that let attention tell image columns apart (TinyConfig.rope_theta, docs/tiny_model.md)
 _COLUMNS = dict(rope_theta=100.0, mrope_section=(2, 2, 12))
@@ -429,7 +433,15 @@ def parse_failure_rate(model, processor, env_id, num_prompts=200, seed=12346, ba
 # ---------------------------------------------------------------------------- build + cache
 def build(out_dir, cfg: TinyConfig = TinyConfig(), progress=True):
     """Build, pre-train and save (model + processor + a card with what was measured) to out_dir."""
-    start = time.time()
+    start, threads = time.time(), torch.get_num_threads()
+    torch.set_num_threads(cfg.build_threads)  # the same model on every machine (TinyConfig.build_threads)
+    try:
+        return _build(out_dir, cfg, progress, start)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _build(out_dir, cfg, progress, start):
     torch.manual_seed(cfg.seed)
     processor = build_processor(cfg, tokenizer_corpus(sampler_of(cfg, cfg.env_ids, cfg.seed)))
     sampler = sampler_of(cfg, cfg.env_ids, cfg.seed, weights=cfg.env_weights)
@@ -463,7 +475,7 @@ def rendering_key(env_ids) -> str:
 def cache_path(cfg: TinyConfig) -> Path:
     """Where the model of cfg is cached: keyed by its config, the data version and how this machine renders."""
     later = {"state_pool": 0, "caption_formula": True, "aux_pool": "mean",  # hashed only when changed (TinyConfig)
-             "rope_theta": 10000.0, "mrope_section": (), "fresh_deal": False}
+             "rope_theta": 10000.0, "mrope_section": (), "fresh_deal": False, "build_threads": 2}
     fields = {k: v for k, v in asdict(cfg).items() if k not in later or v != later[k]}
     rendering = rendering_key(envs_read(cfg))
     key = hashlib.sha1(json.dumps([fields, DATA_VERSION] + [rendering] * bool(rendering),
