@@ -749,10 +749,9 @@ def tiny_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def tiny_pretrained(wait_for_build):
+def tiny_pretrained():
     """The real tiny model, what `--model-id tiny` loads for NumberLine: built into the cache before the first test
-    (conftest.py), then loaded."""
-    wait_for_build("numberline")
+    that asks for it runs (conftest.py), then loaded."""
     return vlm.load_policy("tiny", "cpu")
 
 
