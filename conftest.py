@@ -6,7 +6,6 @@ threads (TinyConfig.build_threads), and two OpenMP threads beside other work wai
 (docs/performance.md). The other families' builds (one thread each) then run in the background, two at a time,
 while the tests run; the tests that need one of those models run last.
 """
-import os
 import subprocess
 import sys
 import threading
@@ -29,10 +28,10 @@ _stopping = threading.Event()  # set when the session ends: no build starts afte
 def _build(name):
     """Build family `name`'s model into the cache in a child process (nothing if it is cached)."""
     code = f"import tiny_vlm; tiny_vlm.tiny_model_path(tiny_vlm.FAMILIES[{name!r}], progress=False)"
-    env = dict(os.environ)  # the build sets its own thread count (TinyConfig.build_threads)
     if _stopping.is_set():
         return
-    _running[name] = subprocess.Popen([sys.executable, "-c", code], cwd=HERE, env=env, stdout=subprocess.DEVNULL,
+    # the build sets its own thread count (TinyConfig.build_threads)
+    _running[name] = subprocess.Popen([sys.executable, "-c", code], cwd=HERE, stdout=subprocess.DEVNULL,
                                       stderr=subprocess.PIPE, text=True)
     stderr = _running[name].communicate()[1]
     if _running.pop(name).returncode:

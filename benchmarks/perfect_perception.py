@@ -14,16 +14,18 @@ misreads a frame and has 40 policy weights to fit instead of millions. Writes OU
 """
 import argparse
 import math
-import platform
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ablations import ROOT, hardware  # noqa: E402
+
 sys.path.insert(0, str(ROOT))
 WHERE = ["straight ahead", "ahead left", "ahead right"]
 CAPTIONS = ["no red box in view"] + [f"red box {w}, {d}" for w in WHERE for d in ("near", "mid", "far")]
@@ -46,15 +48,15 @@ def train(env_id, seed, total_timesteps, learning_rate):
     num_envs, num_steps, minibatch, epochs, warmup, clip, beta = 16, 8, 64, 2, 2, 0.1, 0.05
     rng = np.random.default_rng(seed)
     world = [envs.make_env(env_id) for _ in range(num_envs)]
-    state = [0] * num_envs  # each env's caption index
-    for i, env in enumerate(world):
+    for env in world:
         env.reset(seed=int(rng.integers(2**31)))
-        state[i] = CAPTIONS.index(env.state_text())
+    state = [CAPTIONS.index(env.state_text()) for env in world]  # each env's caption index
     ends, step, iterations = [], 0, total_timesteps // (num_envs * num_steps)
+    # vldac.py's schedule, cosine to a tenth as the tiny defaults (3e-4 -> 3e-5)
+    schedule = SimpleNamespace(baseline="vldac", num_iterations=iterations, learning_rate=learning_rate,
+                               end_learning_rate=learning_rate / 10)
     for iteration in range(1, iterations + 1):
-        progress = (iteration - 1) / max(1, iterations - 1)
-        for group in optimizer.param_groups:  # cosine to a tenth, as the tiny defaults (3e-4 -> 3e-5)
-            group["lr"] = learning_rate * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+        optimizer.param_groups[0]["lr"] = vldac.cosine_learning_rate(iteration, schedule)
         shape = (num_steps, num_envs)
         s, a, old_logp = torch.zeros(shape, dtype=torch.long), torch.zeros(shape, dtype=torch.long), torch.zeros(shape)
         rewards, terminated, truncated, bootstrap = (torch.zeros(shape), torch.zeros(shape, dtype=torch.bool),
@@ -153,7 +155,7 @@ def main():
         lines.append(f"| {env_id} | {seed} | {quarters} | {np.mean(before):.2f} | "
                      f"{f'{reach:,}' if reach else f'not within {total:,}'} |")
     lines += ["", f"{len(grid)} runs of {total:,} env steps, {args.jobs} at a time, in {(time.time() - start) / 60:.0f} "
-              f"min. Hardware: {platform.machine()}, {platform.python_version()}.",
+              f"min. Hardware: {hardware()}.",
               "Command: python benchmarks/perfect_perception.py " + " ".join(sys.argv[1:])]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
