@@ -8,7 +8,8 @@ own update in the tiny defaults' shape: 16 envs x 8 steps per rollout, GAE over 
 step's action as its one "token", the clipped value loss, the k3 KL to the initial (uniform) policy (beta 0.05),
 2 value-only warm-up iterations, 2 epochs of minibatches of 64, a cosine learning rate. No language model, no
 pixels: a lower bound on the env steps that learning this task from this reward takes, for a learner that never
-misreads a frame and has 40 policy weights to fit instead of millions. Writes OUT/perfect_perception.md:
+misreads a frame and has 40 policy weights to fit instead of millions. The flags, named as vldac.py's, change the
+update's settings (docs/perfect_perception.md has a sweep of them). Writes OUT/perfect_perception.md:
     python benchmarks/perfect_perception.py                      # OneRoom and Hallway, seeds 1-5, 49,152 steps
     python benchmarks/perfect_perception.py --envs MiniWorld-OneRoom-v0 --seeds 1 --total-timesteps 2048 --out /tmp/pp
 """
@@ -32,8 +33,9 @@ CAPTIONS = ["no red box in view"] + [f"red box {w}, {d}" for w in WHERE for d in
 WINDOW = 30  # episodes in the moving success rate that must reach the target
 
 
-def train(env_id, seed, total_timesteps, learning_rate):
-    """One run; returns [(env step at which an episode ended, reached the box), ...] in order."""
+def train(env_id, seed, total_timesteps, hp):
+    """One run with the update's settings hp (the flags); returns [(env step at which an episode ended, reached the
+    box), ...] in order."""
     import torch
 
     import vldac  # its update's pieces: GAE, normalisation, clipped surrogate, value loss, KL
@@ -42,10 +44,10 @@ def train(env_id, seed, total_timesteps, learning_rate):
     logits = torch.zeros(len(CAPTIONS), 4, requires_grad=True)  # (captions, actions): the policy, uniform at first
     values = torch.zeros(len(CAPTIONS), requires_grad=True)  # (captions,)
     # created before the envs: Adam's first use imports triton, which crashes once a GL context exists
-    optimizer = torch.optim.Adam([logits, values], lr=learning_rate)
+    optimizer = torch.optim.Adam([logits, values], lr=hp.learning_rate)
     import envs
 
-    num_envs, num_steps, minibatch, epochs, warmup, clip, beta = 16, 8, 64, 2, 2, 0.1, 0.05
+    num_envs, num_steps, minibatch, clip, beta = hp.num_envs, hp.num_steps, hp.minibatch_size, hp.clip_coef, hp.kl_beta
     rng = np.random.default_rng(seed)
     world = [envs.make_env(env_id) for _ in range(num_envs)]
     for env in world:
@@ -53,8 +55,8 @@ def train(env_id, seed, total_timesteps, learning_rate):
     state = [CAPTIONS.index(env.state_text()) for env in world]  # each env's caption index
     ends, step, iterations = [], 0, total_timesteps // (num_envs * num_steps)
     # vldac.py's schedule, cosine to a tenth as the tiny defaults (3e-4 -> 3e-5)
-    schedule = SimpleNamespace(baseline="vldac", num_iterations=iterations, learning_rate=learning_rate,
-                               end_learning_rate=learning_rate / 10)
+    schedule = SimpleNamespace(baseline="vldac", num_iterations=iterations, learning_rate=hp.learning_rate,
+                               end_learning_rate=hp.learning_rate / 10)
     for iteration in range(1, iterations + 1):
         optimizer.param_groups[0]["lr"] = vldac.cosine_learning_rate(iteration, schedule)
         shape = (num_steps, num_envs)
@@ -80,10 +82,11 @@ def train(env_id, seed, total_timesteps, learning_rate):
         with torch.no_grad():
             old_values = values[s]  # (T, N)
             advantages, returns = vldac.compute_gae(rewards, old_values, terminated, truncated, bootstrap,
-                                                    values[torch.tensor(state)], 0.99, 0.95)
-            advantages = vldac.normalize_advantages(advantages)
+                                                    values[torch.tensor(state)], 0.99, hp.gae_lambda)
+            if hp.norm_adv:
+                advantages = vldac.normalize_advantages(advantages)
         flat = [x.flatten() for x in (s, a, old_logp, advantages, returns, old_values)]
-        for _ in range(epochs):
+        for _ in range(hp.update_epochs):
             for mb in torch.randperm(num_envs * num_steps).split(minibatch):
                 ms, ma, mlp, madv, mret, mval = (x[mb] for x in flat)
                 log_probs = torch.log_softmax(logits[ms], -1)  # (B, 4)
@@ -92,7 +95,7 @@ def train(env_id, seed, total_timesteps, learning_rate):
                 pg = vldac.token_ppo_loss(logp, mlp[:, None], madv, mask, clip)
                 kl = vldac.kl_penalty(logp, torch.full_like(logp, -math.log(4)), mask)  # reference: uniform play
                 v = vldac.value_loss(values[ms], mval, mret, clip)
-                loss = v if iteration <= warmup else pg + beta * kl + v
+                loss = v if iteration <= hp.value_warmup_iters else pg + beta * kl + v
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
@@ -112,14 +115,25 @@ def rate(ends, lo, hi):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0] + " A tabular policy on the true scene "
-                                     "caption, trained with vldac.py's update; writes OUT/perfect_perception.md.")
+                                     "caption, trained with vldac.py's update; writes OUT/perfect_perception.md.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--envs", nargs="+", default=["MiniWorld-OneRoom-v0", "MiniWorld-Hallway-v0"],
                         help="MiniWorld env ids")
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3, 4, 5], help="one run per seed and env")
     parser.add_argument("--total-timesteps", type=int, default=49_152, help="env steps per run")
     parser.add_argument("--learning-rate", type=float, default=0.02,
-                        help="Adam's, for the two tables (0.02: the best of 0.01 / 0.02 / 0.05 on OneRoom in a first version of "
-                        "this learner, PPO's clip 0.2 without the KL and the warm-up)")
+                        help="Adam's, for the two tables (0.02, as the first tables of docs/perfect_perception.md; its "
+                        "sweep at 16,384 env steps finds 0.1 better)")
+    # the update's other settings, named as vldac.py's flags (defaults: the tiny defaults)
+    parser.add_argument("--num-envs", type=int, default=16)
+    parser.add_argument("--num-steps", type=int, default=8, help="env steps per env per rollout")
+    parser.add_argument("--minibatch-size", type=int, default=64)
+    parser.add_argument("--update-epochs", type=int, default=2)
+    parser.add_argument("--clip-coef", type=float, default=0.1)
+    parser.add_argument("--kl-beta", type=float, default=0.05, help="KL to the initial (uniform) policy")
+    parser.add_argument("--value-warmup-iters", type=int, default=2)
+    parser.add_argument("--gae-lambda", type=float, default=0.95)
+    parser.add_argument("--norm-adv", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--budget", type=int, default=16_384,
                         help="also report the success rate around this many env steps (benchmarks/learning.py's "
                         "MiniWorld budget: 30 minutes of one core for the tiny VLM)")
@@ -134,27 +148,36 @@ def main():
     start = time.time()
     grid = [(env_id, seed) for env_id in args.envs for seed in args.seeds]
     with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:  # "fork" hangs with GL contexts
-        results = list(pool.map(train, *zip(*grid), [args.total_timesteps] * len(grid),
-                                [args.learning_rate] * len(grid)))
+        results = list(pool.map(train, *zip(*grid), [args.total_timesteps] * len(grid), [args] * len(grid)))
     total, quarter = args.total_timesteps, args.total_timesteps // 4
     lines = ["# Sparse reward with perfect perception: a tabular policy on the true scene, VL-DAC's update", "",
              "The policy and the value are tables over the true scene caption (10 classes: box in view or not, its "
              "bearing, its distance), zero at first (uniform play), trained with vldac.py's GAE, advantage "
              "normalisation, per-token clipped surrogate, clipped value loss, KL to the initial policy and value "
-             "warm-up, in the tiny defaults' shape (16 envs x 8 steps, 2 epochs of minibatches of 64), Adam at "
-             f"{args.learning_rate} with a cosine to a tenth over the run. No pixels, no language model: how many env "
+             f"warm-up ({args.value_warmup_iters} iterations), {args.num_envs} envs x {args.num_steps} steps, "
+             f"{args.update_epochs} epochs of minibatches of {args.minibatch_size}, clip {args.clip_coef}, KL beta "
+             f"{args.kl_beta}, lambda {args.gae_lambda}{'' if args.norm_adv else ', advantages not normalised'}, Adam "
+             f"at {args.learning_rate} with a cosine to a tenth over the run. No pixels, no language model: how many env "
              "steps the paper's sparse reward asks for from a uniformly random start (`benchmarks/perfect_perception.py`"
              " has the details).", "",
              "| env | seed | success by quarter of the env steps (episodes that ended) | success around "
              f"{args.budget:,} env steps (the last {WINDOW} episodes before) | env steps at which the success "
              f"rate of the last {WINDOW} episodes first reaches 0.9 |", "|---|---|---|---|---|"]
+    summary = []
+    for env_id in args.envs:
+        around = [np.mean([w for s, w in ends if s <= args.budget][-WINDOW:])
+                  for (e, _), ends in zip(grid, results) if e == env_id]
+        reached = sum(1 for (e, _), ends in zip(grid, results)
+                      if e == env_id and (first_reach(ends, 0.9) or math.inf) <= args.budget)
+        summary.append(f"{env_id}: around {args.budget:,} env steps {np.mean(around):.2f} (mean of {len(around)} seeds: "
+                       f"{' / '.join(f'{x:.2f}' for x in around)}); 0.9 reached by then: {reached} of {len(around)}")
     for (env_id, seed), ends in zip(grid, results):
         quarters = " / ".join(rate(ends, q * quarter, (q + 1) * quarter) for q in range(4))
         before = [w for s, w in ends if s <= args.budget][-WINDOW:]
         reach = first_reach(ends, 0.9)
         lines.append(f"| {env_id} | {seed} | {quarters} | {np.mean(before):.2f} | "
                      f"{f'{reach:,}' if reach else f'not within {total:,}'} |")
-    lines += ["", f"{len(grid)} runs of {total:,} env steps, {args.jobs} at a time, in {(time.time() - start) / 60:.0f} "
+    lines += [""] + summary + ["", f"{len(grid)} runs of {total:,} env steps, {args.jobs} at a time, in {(time.time() - start) / 60:.0f} "
               f"min. Hardware: {hardware()}.",
               "Command: python benchmarks/perfect_perception.py " + " ".join(sys.argv[1:])]
     out = Path(args.out)
