@@ -109,11 +109,17 @@ class TinyConfig:
     # it, so a build with another count is another model (NumberLine's recipe was measured with 2; a 1-thread build
     # of it did not learn within the quick start's test budget). The families after it were measured with 1
     build_threads: int = 2
+    # Two pre-training speed-ups found after NumberLine's recipe shipped (off there, so its model stays bit for bit
+    # the one every NumberLine figure was measured with): Adam's fused kernel (one pass over each weight instead of
+    # about ten: the flat probe head's 6.3M weights made the unfused step a fifth of a MiniWorld step), and logits
+    # only where an answer token comes next (the loss reads no others; a long task prompt has hundreds). Same
+    # maths; the rounding differs, so a model built with them is another model (measured: docs/tiny_model.md)
+    fast_pretrain: bool = False
 
 
 # One tiny model per family of envs, each pre-trained on its own frames: one model for several games read none
 # of them within the budget (docs/tiny_model.md). `--model-id tiny` picks the family of `--env-id`.
-_READER = dict(caption_formula=False, aux_pool="flat", build_threads=1)
+_READER = dict(caption_formula=False, aux_pool="flat", build_threads=1, fast_pretrain=True)
 _CARDS = dict(_READER, fresh_deal=True)
 # Rotary frequencies that let attention tell image columns apart (TinyConfig.rope_theta, docs/tiny_model.md)
 _COLUMNS = dict(rope_theta=100.0, mrope_section=(2, 2, 12))
@@ -316,6 +322,16 @@ def tokenizer_corpus(sampler, n=3000):
 
 
 # ---------------------------------------------------------------------------- pre-training
+def answer_loss(model, batch):
+    """The next-token loss on the answer tokens (labels != -100), as model(**batch).loss, with the language model
+    head applied only at the positions whose next token is an answer token."""
+    labels = batch["labels"][:, 1:]  # (B, T-1): position t predicts token t+1
+    hidden = model.model(**{k: v for k, v in batch.items() if k != "labels"}).last_hidden_state  # (B, T, H)
+    answer = labels != -100
+    logits = model.lm_head(hidden[:, :-1][answer])  # (answer tokens, vocab)
+    return F.cross_entropy(logits, labels[answer])
+
+
 def pretrain(model, processor, sampler, cfg: TinyConfig, steps=None, progress=True):
     """Next-token loss on the answers + the auxiliary mean-pooled probe (see the module docstring)."""
     steps = cfg.pretrain_steps if steps is None else steps
@@ -332,7 +348,8 @@ def pretrain(model, processor, sampler, cfg: TinyConfig, steps=None, progress=Tr
     captured = {}
     hook = model.model.visual.register_forward_hook(lambda m, i, o: captured.__setitem__("feats", o.pooler_output))
     params = list(model.parameters()) + list(probe.parameters())
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0, fused=cfg.fast_pretrain or None)
+    next_token_loss = answer_loss if cfg.fast_pretrain else (lambda model, batch: model(**batch).loss)
     warmup, horizon = max(1, steps // 20), max(1, steps)
     schedule = torch.optim.lr_scheduler.LambdaLR(  # linear warm-up, then cosine to 5% of the peak
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * min(s, horizon) / horizon))))
@@ -340,11 +357,11 @@ def pretrain(model, processor, sampler, cfg: TinyConfig, steps=None, progress=Tr
     bar = tqdm(range(steps), desc="pre-training the tiny VLM", disable=not progress)
     for _ in bar:
         batch = collate(processor, [caption_example(sampler.sample()) for _ in range(cfg.batch_size)])
-        loss = model(**batch).loss
+        loss = next_token_loss(model, batch)
         caption_feats = captured["feats"]  # (B * image tokens, hidden), from the vision tower in that forward
         if cfg.format_batch_size:
             formats = collate(processor, [format_example(sampler.sample(), rng) for _ in range(cfg.format_batch_size)])
-            loss = loss + model(**formats).loss
+            loss = loss + next_token_loss(model, formats)
         if cfg.aux_coef > 0:
             tokens_per_image = (batch["image_grid_thw"].prod(-1) // 4).tolist()
             pool = (lambda f: f.mean(0)) if cfg.aux_pool == "mean" else (lambda f: f.flatten())
@@ -475,7 +492,8 @@ def rendering_key(env_ids) -> str:
 def cache_path(cfg: TinyConfig) -> Path:
     """Where the model of cfg is cached: keyed by its config, the data version and how this machine renders."""
     later = {"state_pool": 0, "caption_formula": True, "aux_pool": "mean",  # hashed only when changed (TinyConfig)
-             "rope_theta": 10000.0, "mrope_section": (), "fresh_deal": False, "build_threads": 2}
+             "rope_theta": 10000.0, "mrope_section": (), "fresh_deal": False, "build_threads": 2,
+             "fast_pretrain": False}
     fields = {k: v for k, v in asdict(cfg).items() if k not in later or v != later[k]}
     rendering = rendering_key(envs_read(cfg))
     key = hashlib.sha1(json.dumps([fields, DATA_VERSION] + [rendering] * bool(rendering),
