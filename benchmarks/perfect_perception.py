@@ -125,15 +125,16 @@ def main():
                         help="Adam's, for the two tables (0.02, as the first tables of docs/perfect_perception.md; its "
                         "sweep at 16,384 env steps finds 0.1 better)")
     # the update's other settings, named as vldac.py's flags (defaults: the tiny defaults)
-    parser.add_argument("--num-envs", type=int, default=16)
+    parser.add_argument("--num-envs", type=int, default=16, help="parallel envs")
     parser.add_argument("--num-steps", type=int, default=8, help="env steps per env per rollout")
-    parser.add_argument("--minibatch-size", type=int, default=64)
-    parser.add_argument("--update-epochs", type=int, default=2)
-    parser.add_argument("--clip-coef", type=float, default=0.1)
+    parser.add_argument("--minibatch-size", type=int, default=64, help="env steps per minibatch")
+    parser.add_argument("--update-epochs", type=int, default=2, help="passes over each rollout")
+    parser.add_argument("--clip-coef", type=float, default=0.1, help="the surrogate's and the value loss's clip")
     parser.add_argument("--kl-beta", type=float, default=0.05, help="KL to the initial (uniform) policy")
-    parser.add_argument("--value-warmup-iters", type=int, default=2)
-    parser.add_argument("--gae-lambda", type=float, default=0.95)
-    parser.add_argument("--norm-adv", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--value-warmup-iters", type=int, default=2, help="first iterations that train the value only")
+    parser.add_argument("--gae-lambda", type=float, default=0.95, help="GAE's lambda (gamma stays 0.99)")
+    parser.add_argument("--norm-adv", action=argparse.BooleanOptionalAction, default=True,
+                        help="normalise the advantages per rollout")
     parser.add_argument("--budget", type=int, default=16_384,
                         help="also report the success rate around this many env steps (benchmarks/learning.py's "
                         "MiniWorld budget: 30 minutes of one core for the tiny VLM)")
@@ -163,23 +164,24 @@ def main():
              "| env | seed | success by quarter of the env steps (episodes that ended) | success around "
              f"{args.budget:,} env steps (the last {WINDOW} episodes before) | env steps at which the success "
              f"rate of the last {WINDOW} episodes first reaches 0.9 |", "|---|---|---|---|---|"]
-    summary = []
+    summary = []  # per env: the mean over seeds around the budget, and how many seeds reached 0.9 by then
     for env_id in args.envs:
-        around = [np.mean([w for s, w in ends if s <= args.budget][-WINDOW:])
-                  for (e, _), ends in zip(grid, results) if e == env_id]
-        reached = sum(1 for (e, _), ends in zip(grid, results)
-                      if e == env_id and (first_reach(ends, 0.9) or math.inf) <= args.budget)
-        summary.append(f"{env_id}: around {args.budget:,} env steps {np.mean(around):.2f} (mean of {len(around)} seeds: "
-                       f"{' / '.join(f'{x:.2f}' for x in around)}); 0.9 reached by then: {reached} of {len(around)}")
+        runs = [ends for (e, _), ends in zip(grid, results) if e == env_id]
+        around = [np.mean([w for s, w in ends if s <= args.budget][-WINDOW:]) for ends in runs]
+        reached = sum((first_reach(ends, 0.9) or math.inf) <= args.budget for ends in runs)
+        summary.append(f"{env_id}: around {args.budget:,} env steps {np.mean(around):.2f} (mean of {len(runs)} "
+                       f"seeds: {' / '.join(f'{x:.2f}' for x in around)}); 0.9 reached by then: "
+                       f"{reached} of {len(runs)}")
     for (env_id, seed), ends in zip(grid, results):
         quarters = " / ".join(rate(ends, q * quarter, (q + 1) * quarter) for q in range(4))
         before = [w for s, w in ends if s <= args.budget][-WINDOW:]
         reach = first_reach(ends, 0.9)
         lines.append(f"| {env_id} | {seed} | {quarters} | {np.mean(before):.2f} | "
                      f"{f'{reach:,}' if reach else f'not within {total:,}'} |")
-    lines += [""] + summary + ["", f"{len(grid)} runs of {total:,} env steps, {args.jobs} at a time, in {(time.time() - start) / 60:.0f} "
-              f"min. Hardware: {hardware()}.",
-              "Command: python benchmarks/perfect_perception.py " + " ".join(sys.argv[1:])]
+    minutes = (time.time() - start) / 60
+    lines += ["", *summary, "",
+              f"{len(grid)} runs of {total:,} env steps, {args.jobs} at a time, in {minutes:.0f} min. Hardware: "
+              f"{hardware()}.", "Command: python benchmarks/perfect_perception.py " + " ".join(sys.argv[1:])]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "perfect_perception.md").write_text("\n".join(lines) + "\n")
