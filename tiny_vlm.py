@@ -109,11 +109,11 @@ class TinyConfig:
     # it, so a build with another count is another model (NumberLine's recipe was measured with 2; a 1-thread build
     # of it did not learn within the quick start's test budget). The families after it were measured with 1
     build_threads: int = 2
-    # Two pre-training speed-ups found after NumberLine's recipe shipped (off there, so its model stays bit for bit
-    # the one every NumberLine figure was measured with): Adam's fused kernel (one pass over each weight instead of
-    # about ten: the flat probe head's 6.3M weights made the unfused step a fifth of a MiniWorld step), and logits
+    # Two pre-training speed-ups, on for the card families: Adam's fused kernel (one pass over each weight instead
+    # of about ten: the flat probe head's 6.3M weights made the unfused step a fifth of a MiniWorld step), and logits
     # only where an answer token comes next (the loss reads no others; a long task prompt has hundreds). Same
-    # maths; the rounding differs, so a model built with them is another model (measured: docs/tiny_model.md)
+    # maths; the rounding differs, so a model built with them is another model (measured: docs/tiny_model.md).
+    # Off for NumberLine, whose model stays bit for bit the one its figures were measured with, and for MiniWorld
     fast_pretrain: bool = False
 
 
