@@ -82,7 +82,7 @@ def train(env_id, seed, total_timesteps, hp):
         with torch.no_grad():
             old_values = values[s]  # (T, N)
             advantages, returns = vldac.compute_gae(rewards, old_values, terminated, truncated, bootstrap,
-                                                    values[torch.tensor(state)], 0.99, hp.gae_lambda)
+                                                    values[torch.tensor(state)], hp.gamma, hp.gae_lambda)
             if hp.norm_adv:
                 advantages = vldac.normalize_advantages(advantages)
         flat = [x.flatten() for x in (s, a, old_logp, advantages, returns, old_values)]
@@ -114,6 +114,9 @@ def rate(ends, lo, hi):
 
 
 def main():
+    import vldac  # the defaults below are its own: the tiny defaults, MiniWorld's GAE settings, its clip
+
+    tiny, gae = vldac.TINY_DEFAULTS, vldac.GAE_DEFAULTS["MiniWorld"]
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0] + " A tabular policy on the true scene "
                                      "caption, trained with vldac.py's update; writes OUT/perfect_perception.md.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -124,15 +127,18 @@ def main():
     parser.add_argument("--learning-rate", type=float, default=0.02,
                         help="Adam's, for the two tables (0.02, as the first tables of docs/perfect_perception.md; its "
                         "sweep at 16,384 env steps finds 0.1 better)")
-    # the update's other settings, named as vldac.py's flags (defaults: the tiny defaults)
-    parser.add_argument("--num-envs", type=int, default=16, help="parallel envs")
-    parser.add_argument("--num-steps", type=int, default=8, help="env steps per env per rollout")
-    parser.add_argument("--minibatch-size", type=int, default=64, help="env steps per minibatch")
-    parser.add_argument("--update-epochs", type=int, default=2, help="passes over each rollout")
-    parser.add_argument("--clip-coef", type=float, default=0.1, help="the surrogate's and the value loss's clip")
-    parser.add_argument("--kl-beta", type=float, default=0.05, help="KL to the initial (uniform) policy")
-    parser.add_argument("--value-warmup-iters", type=int, default=2, help="first iterations that train the value only")
-    parser.add_argument("--gae-lambda", type=float, default=0.95, help="GAE's lambda (gamma stays 0.99)")
+    # the update's other settings, named and defaulted as vldac.py's flags for the tiny model on MiniWorld
+    parser.add_argument("--num-envs", type=int, default=tiny["num_envs"], help="parallel envs")
+    parser.add_argument("--num-steps", type=int, default=tiny["num_steps"], help="env steps per env per rollout")
+    parser.add_argument("--minibatch-size", type=int, default=tiny["minibatch_size"], help="env steps per minibatch")
+    parser.add_argument("--update-epochs", type=int, default=tiny["update_epochs"], help="passes over each rollout")
+    parser.add_argument("--clip-coef", type=float, default=vldac.Args.clip_coef,
+                        help="the surrogate's and the value loss's clip")
+    parser.add_argument("--kl-beta", type=float, default=tiny["kl_beta"], help="KL to the initial (uniform) policy")
+    parser.add_argument("--value-warmup-iters", type=int, default=tiny["value_warmup_iters"],
+                        help="first iterations that train the value only")
+    parser.add_argument("--gamma", type=float, default=gae["gamma"], help="discount")
+    parser.add_argument("--gae-lambda", type=float, default=gae["gae_lambda"], help="GAE's lambda")
     parser.add_argument("--norm-adv", action=argparse.BooleanOptionalAction, default=True,
                         help="normalise the advantages per rollout")
     parser.add_argument("--budget", type=int, default=16_384,
