@@ -25,11 +25,15 @@ Two choices make a 1.5M-parameter model learn to read digits in a minute instead
 
 One model per family of envs (FAMILIES): one model for several games read none of them in the budget.
 """
+import os
+
+if __name__ == "__main__":  # a build with 2+ threads beside other work: waiting threads sleep instead of spinning
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # (read once, when torch loads OpenMP)
+
 import collections
 import functools
 import hashlib
 import json
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -89,8 +93,6 @@ class TinyConfig:
     # 1000 steps) the model read none of them, NumberLine included, within the budget (see README)
     env_weights: tuple = (1.0, 0.0, 0.0, 0.0)
     seed: int = 0
-    # Fields added after the NumberLine recipe shipped; the cache key leaves them out at these defaults, so that
-    # model (and every figure measured with it) is unchanged.
     state_pool: int = 0  # N > 0: draw N states per env once, then sample them with every caption equally often
     caption_formula: bool = True  # the points games' captions include the formula (only the NumberLine recipe's
     # tokenizer was trained that way; the other recipes caption the cards alone, the prompt states the formula)
@@ -105,10 +107,6 @@ class TinyConfig:
     # Card games: every sample starts from a new deal. Otherwise the next samples walk on from the last one and
     # share its cards: a batch of 32 Points24 captions held 4-5 deals, and its cards were never read
     fresh_deal: bool = False
-    # torch threads the build runs with, whatever the caller set: the order of a matrix product's sums depends on
-    # it, so a build with another count is another model (NumberLine's recipe was measured with 2; a 1-thread build
-    # of it did not learn within the quick start's test budget). The families after it were measured with 1
-    build_threads: int = 2
     # Two pre-training speed-ups, on for the card families: Adam's fused kernel (one pass over each weight instead
     # of about ten: the flat probe head's 6.3M weights made the unfused step a fifth of a MiniWorld step), and logits
     # only where an answer token comes next (the loss reads no others; a long task prompt has hundreds). Same
@@ -119,7 +117,7 @@ class TinyConfig:
 
 # One tiny model per family of envs, each pre-trained on its own frames: one model for several games read none
 # of them within the budget (docs/tiny_model.md). `--model-id tiny` picks the family of `--env-id`.
-_READER = dict(caption_formula=False, aux_pool="flat", build_threads=1)
+_READER = dict(caption_formula=False, aux_pool="flat")
 # MiniWorld stays without fast_pretrain: its one build with it read FourRooms less well (docs/tiny_model.md)
 _CARDS = dict(_READER, fresh_deal=True, fast_pretrain=True)
 # Rotary frequencies that let attention tell image columns apart (TinyConfig.rope_theta, docs/tiny_model.md)
@@ -448,18 +446,16 @@ def parse_failure_rate(model, processor, env_id, num_prompts=200, seed=12346, ba
     return failures / num_prompts
 
 
-# ---------------------------------------------------------------------------- build + cache
+# ---------------------------------------------------------------------------- build, ship, find
+MODELS = Path(__file__).resolve().parent / "models"  # the shipped models, one directory per family
+CAPTION_FRAMES, PARSE_PROMPTS = 200, 200  # the probe's sizes when a model is released (its card's figures)
+
+
 def build(out_dir, cfg: TinyConfig = TinyConfig(), progress=True):
-    """Build, pre-train and save (model + processor + a card with what was measured) to out_dir."""
-    start, threads = time.time(), torch.get_num_threads()
-    torch.set_num_threads(cfg.build_threads)  # the same model on every machine (TinyConfig.build_threads)
-    try:
-        return _build(out_dir, cfg, progress, start)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _build(out_dir, cfg, progress, start):
+    """Build, pre-train and save (model + processor + a card with what was measured) to out_dir. Runs with the
+    caller's torch threads: the card records how many (the order of a matrix product's sums depends on it, so
+    another count builds another model, as does another machine's arithmetic)."""
+    start = time.time()
     torch.manual_seed(cfg.seed)
     processor = build_processor(cfg, tokenizer_corpus(sampler_of(cfg, cfg.env_ids, cfg.seed)))
     sampler = sampler_of(cfg, cfg.env_ids, cfg.seed, weights=cfg.env_weights)
@@ -469,12 +465,23 @@ def _build(out_dir, cfg, progress, start):
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
-    card = dict(config=asdict(cfg), data_version=DATA_VERSION, pillow=PIL.__version__,
-                rendering=rendering_key(envs_read(cfg)),
-                build_seconds=round(time.time() - start, 1),
-                parameters=sum(p.numel() for p in model.parameters()))
+    card = dict(config=asdict(cfg), data_version=DATA_VERSION, pillow=PIL.__version__, torch=torch.__version__,
+                threads=torch.get_num_threads(), rendering=rendering_key(envs_read(cfg)),
+                build_seconds=round(time.time() - start, 1), parameters=sum(p.numel() for p in model.parameters()))
     (out_dir / "tiny_vlm.json").write_text(json.dumps(card, indent=2))
     return out_dir
+
+
+def probe(path, env_ids, caption_frames=CAPTION_FRAMES, parse_prompts=PARSE_PROMPTS):
+    """{env_id: {caption_accuracy, parse_failures}} of the model at path, on held-out states."""
+    model, processor = load(path)
+    return {env_id: dict(caption_accuracy=caption_accuracy(model, processor, env_id, caption_frames),
+                         parse_failures=parse_failure_rate(model, processor, env_id, parse_prompts))
+            for env_id in env_ids}
+
+
+def card(path) -> dict:
+    return json.loads((Path(path) / "tiny_vlm.json").read_text())
 
 
 def cache_dir():
@@ -484,38 +491,42 @@ def cache_dir():
 @functools.lru_cache(maxsize=None)
 def rendering_key(env_ids) -> str:
     """A hash of how this machine draws the first frame of each card game in env_ids ('' for MiniWorld alone).
-    The envs draw text the same way everywhere (envs.FONT), but the glyphs still come from the machine's FreeType:
-    where those differ, the cache key differs and the machine builds a model for the frames it actually draws."""
+    The envs draw text the same way everywhere (envs.FONT), but the glyphs still come from the machine's FreeType,
+    and a model this small reads the exact pixels it was trained on."""
     frames = [envs.make_env(env_id).reset(seed=0)[0] for env_id in env_ids if env_id.startswith("gym_cards/")]
     return hashlib.sha1(b"".join(np.ascontiguousarray(f).tobytes() for f in frames)).hexdigest()[:10] if frames else ""
 
 
-def cache_path(cfg: TinyConfig) -> Path:
-    """Where the model of cfg is cached: keyed by its config, the data version and how this machine renders."""
-    later = {"state_pool": 0, "caption_formula": True, "aux_pool": "mean",  # hashed only when changed (TinyConfig)
-             "rope_theta": 10000.0, "mrope_section": (), "fresh_deal": False, "build_threads": 2,
-             "fast_pretrain": False}
-    fields = {k: v for k, v in asdict(cfg).items() if k not in later or v != later[k]}
-    rendering = rendering_key(envs_read(cfg))
-    key = hashlib.sha1(json.dumps([fields, DATA_VERSION] + [rendering] * bool(rendering),
+def shipped_path(family) -> Path:
+    return MODELS / f"tiny-{family}"
+
+
+def cache_path(family) -> Path:
+    """Where `python tiny_vlm.py --build FAMILY` puts a model for this machine's frames: keyed by the family's
+    recipe, the data version and how this machine draws the frames."""
+    cfg = FAMILIES[family]
+    key = hashlib.sha1(json.dumps([asdict(cfg), DATA_VERSION, rendering_key(envs_read(cfg))],
                                   sort_keys=True).encode()).hexdigest()[:10]
-    return cache_dir() / f"tiny-qwen2-vl-{key}"
+    return cache_dir() / f"tiny-{family}-{key}"
 
 
-def tiny_model_path(cfg: TinyConfig = TinyConfig(), progress=True) -> str:
-    """The tiny model's directory, built on first use and cached (cache_path)."""
-    path = cache_path(cfg)
-    if not (path / "tiny_vlm.json").exists():
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        print(f"Building the tiny VLM for {', '.join(envs_read(cfg))} ({cfg.pretrain_steps} pre-training steps, once: "
-              f"4-12 minutes on 2 CPU cores, see docs/tiny_model.md) into {path}", flush=True)
-        build(tmp, cfg, progress=progress)
-        try:
-            os.replace(tmp, path)  # atomic: a concurrent builder or a crash never leaves half a model
-        except OSError:  # another process finished first
-            import shutil
-            shutil.rmtree(tmp, ignore_errors=True)
-    return str(path)
+class FramesDiffer(Exception):
+    """This machine draws a family's frames differently from those its shipped model was trained on."""
+
+
+def tiny_model_path(family="numberline") -> str:
+    """The tiny model of a family: the shipped one (models/), or, on a machine that draws that family's frames
+    differently from the shipped model's (rendering_key), the one `--build` made for this machine's frames."""
+    cfg, shipped = FAMILIES[family], shipped_path(family)
+    here = rendering_key(envs_read(cfg))
+    if card(shipped)["rendering"] == here:
+        return str(shipped)
+    if (cache_path(family) / "tiny_vlm.json").exists():
+        return str(cache_path(family))
+    raise FramesDiffer(f"this machine draws {', '.join(envs_read(cfg))} frames differently from those the shipped "
+                       f"tiny model ({shipped.relative_to(MODELS.parent)}) was trained on, and it would misread "
+                       f"them; build one for this machine's frames once with `python tiny_vlm.py --build {family}` "
+                       f"(minutes; docs/tiny_model.md)")
 
 
 def load(path):
@@ -523,24 +534,51 @@ def load(path):
     return AutoModelForImageTextToText.from_pretrained(path), AutoProcessor.from_pretrained(path)
 
 
-if __name__ == "__main__":
+def _main():
     import argparse
     import dataclasses
+    import shutil
 
-    parser = argparse.ArgumentParser(description="Build tiny VLMs (one per family of envs) and report, per env, "
-                                     "caption accuracy and parse failures at temperature 1 on held-out states.")
-    parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES), metavar="FAMILY",
-                        help=f"any of: {' '.join(FAMILIES)} (default: all)")
-    parser.add_argument("--steps", type=int, default=None, help="pre-training steps (default: the family's)")
-    parser.add_argument("--out", default=None, help="directory to build into, one sub-directory per family "
-                        "(default: the cache, as --model-id tiny)")
+    parser = argparse.ArgumentParser(description="Build tiny VLMs (one per family of envs: %(families)s) and print "
+                                     "each env's probe figures on held-out states (caption accuracy, parse failures "
+                                     "at temperature 1) beside the shipped model's." % dict(families=", ".join(FAMILIES)))
+    parser.add_argument("--build", nargs="+", required=True, choices=list(FAMILIES) + ["all"], metavar="FAMILY",
+                        help=f"families to build: {', '.join(FAMILIES)}, or all")
+    parser.add_argument("--out", default=None, help="directory to build into, one tiny-FAMILY sub-directory each "
+                        "(models/ re-ships them; default: the cache, where --model-id tiny finds a model for a "
+                        "machine that draws frames differently from the shipped models)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: a build never "
+                        "stalls beside other work; another count builds another model)")
+    parser.add_argument("--seed", type=int, default=None, help="build seed (default: the recipe's)")
+    parser.add_argument("--steps", type=int, default=None, help="pre-training steps (default: the recipe's)")
+    parser.add_argument("--probe-frames", type=int, default=CAPTION_FRAMES, help="held-out frames and prompts per "
+                        "env for the probe figures (0: no probe)")
     a = parser.parse_args()
-    for name in a.families:
-        cfg = FAMILIES[name] if a.steps is None else dataclasses.replace(FAMILIES[name], pretrain_steps=a.steps)
-        path = build(Path(a.out) / name, cfg) if a.out else tiny_model_path(cfg)
-        model, processor = load(path)
-        card = json.loads((Path(path) / "tiny_vlm.json").read_text())
-        print(f"{name}: {path}: {card['parameters']:,} parameters, built in {card['build_seconds']} s", flush=True)
-        for env_id in envs_read(cfg):
-            print(f"  {env_id}: caption accuracy {caption_accuracy(model, processor, env_id):.3f}, parse failures "
-                  f"{parse_failure_rate(model, processor, env_id):.3f}", flush=True)
+    if a.threads < 1 or (a.steps is not None and a.steps < 0) or a.probe_frames < 0:
+        parser.error("--threads must be >= 1, --steps and --probe-frames >= 0")
+    torch.set_num_threads(a.threads)
+    for name in FAMILIES if "all" in a.build else dict.fromkeys(a.build):
+        changes = {k: v for k, v in dict(seed=a.seed, pretrain_steps=a.steps).items() if v is not None}
+        cfg = dataclasses.replace(FAMILIES[name], **changes)
+        out = Path(a.out) / f"tiny-{name}" if a.out else cache_path(name)
+        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+        print(f"building the tiny {name} model ({cfg.pretrain_steps} pre-training steps, {a.threads} thread(s)) "
+              f"into {out}", flush=True)
+        build(tmp, cfg)
+        if a.probe_frames:
+            figures = probe(tmp, envs_read(cfg), a.probe_frames, a.probe_frames)
+            (tmp / "tiny_vlm.json").write_text(json.dumps({**card(tmp), "probe": figures}, indent=2))
+        shipped = card(shipped_path(name)) if (shipped_path(name) / "tiny_vlm.json").exists() else {}
+        shutil.rmtree(out, ignore_errors=True)  # a rebuild replaces the model whole, never half
+        os.replace(tmp, out)
+        built = card(out)
+        print(f"{name}: {built['parameters']:,} parameters, built in {built['build_seconds']} s", flush=True)
+        for env_id, row in built.get("probe", {}).items():
+            was = shipped.get("probe", {}).get(env_id)
+            beside = (f" (shipped: {was['caption_accuracy']:.3f}, {was['parse_failures']:.3f})" if was else "")
+            print(f"  {env_id}: caption accuracy {row['caption_accuracy']:.3f}, parse failures "
+                  f"{row['parse_failures']:.3f}{beside}", flush=True)
+
+
+if __name__ == "__main__":
+    _main()

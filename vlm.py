@@ -72,8 +72,13 @@ def hub_offline():
 
 
 def resolve(model_id, env_id):
-    """The directory or hub id to load: `tiny` is the tiny model of env_id's family (built on first use)."""
-    return tiny_vlm.tiny_model_path(tiny_vlm.config_for(env_id)) if model_id == "tiny" else model_dir(model_id)
+    """The directory or hub id to load: `tiny` is the shipped tiny model of env_id's family (models/)."""
+    if model_id != "tiny":
+        return model_dir(model_id)
+    try:
+        return tiny_vlm.tiny_model_path(tiny_vlm.family_of(env_id))
+    except tiny_vlm.FramesDiffer as e:
+        fail(str(e))
 
 
 def load_policy(model_id, device="cpu", lora_r=0, lora_alpha=32, lora_dropout=0.0, env_id="gym_cards/NumberLine-v0",

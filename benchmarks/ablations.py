@@ -17,6 +17,7 @@ Per env and variant, over seeds (mean +- sample std), from `charts/success_rate`
   does RL degrade image understanding?
 """
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -63,12 +64,13 @@ def probe(model_id, env_id):
 
 
 def tiny_model_name(env_id):
-    """The cache name of the tiny model that `--model-id tiny` trains on env_id: a saved result is reused only
-    when it was trained from this very model (a rebuilt family has a new name)."""
+    """The tiny model that `--model-id tiny` trains on env_id, named with a hash of its weights: a saved result is
+    reused only when it was trained from this very model (a re-shipped or rebuilt family has a new name)."""
     sys.path.insert(0, str(ROOT))
     import tiny_vlm
 
-    return tiny_vlm.cache_path(tiny_vlm.config_for(env_id)).name
+    path = Path(tiny_vlm.tiny_model_path(tiny_vlm.family_of(env_id)))
+    return f"{path.name}-{hashlib.sha1((path / 'model.safetensors').read_bytes()).hexdigest()[:10]}"
 
 
 def child_env():

@@ -17,7 +17,7 @@ import tiny_vlm  # noqa: E402
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16], help="prompts per call, one timing each")
 batch_sizes = parser.parse_args().batch_sizes  # before the model loads: --help answers at once
-model, processor = tiny_vlm.load(tiny_vlm.tiny_model_path())
+model, processor = tiny_vlm.load(tiny_vlm.tiny_model_path("numberline"))
 
 
 def timed(fn, repeats):
