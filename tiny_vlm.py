@@ -125,8 +125,9 @@ _COLUMNS = dict(rope_theta=100.0, mrope_section=(2, 2, 12))
 FAMILIES = {
     "numberline": TinyConfig(),
     "ezpoints": TinyConfig(env_ids=("gym_cards/EZPoints-v0",), env_weights=(1.0,), pretrain_steps=300, **_CARDS),
-    # four small cards side by side: which is which needs the column rotations too
-    "points24": TinyConfig(env_ids=("gym_cards/Points24-v0",), env_weights=(1.0,), pretrain_steps=700, **_CARDS,
+    # four small cards side by side: which is which needs the column rotations too; 1000 steps, as a build of 700
+    # read them on one machine (1.000) and not on another (0.160)
+    "points24": TinyConfig(env_ids=("gym_cards/Points24-v0",), env_weights=(1.0,), pretrain_steps=1000, **_CARDS,
                            **_COLUMNS),
     "blackjack": TinyConfig(env_ids=("gym_cards/Blackjack-v0",), env_weights=(1.0,), pretrain_steps=400, **_CARDS),
     # 4-frame task prompts are long: 2 per step instead of 4; where the box is needs fast width rotations
