@@ -1865,6 +1865,9 @@ def test_frames_use_the_repository_font_and_a_machine_that_draws_otherwise_is_to
     try:
         with pytest.raises(tiny_vlm.FramesDiffer, match="python tiny_vlm.py --build numberline"):
             tiny_vlm.tiny_model_path("numberline")
+        with pytest.raises(SystemExit) as exit_status:  # vldac.py and evaluate.py: that line, exit status 2
+            vlm.resolve("tiny", "gym_cards/NumberLine-v0")
+        assert exit_status.value.code == 2
         rebuilt = tiny_vlm.cache_path("numberline")
         assert rebuilt != before and rebuilt.parent == tmp_path
         rebuilt.mkdir()

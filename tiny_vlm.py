@@ -512,18 +512,21 @@ def cache_path(family) -> Path:
 
 
 class FramesDiffer(Exception):
-    """This machine draws a family's frames differently from those its shipped model was trained on."""
+    """No tiny model of a family reads this machine's frames: the shipped one was trained on frames drawn otherwise
+    (or is missing), and none was built here."""
 
 
 def tiny_model_path(family="numberline") -> str:
     """The tiny model of a family: the shipped one (models/), or, on a machine that draws that family's frames
     differently from the shipped model's (rendering_key), the one `--build` made for this machine's frames."""
     cfg, shipped = FAMILIES[family], shipped_path(family)
-    here = rendering_key(envs_read(cfg))
-    if card(shipped)["rendering"] == here:
+    if (shipped / "tiny_vlm.json").exists() and card(shipped)["rendering"] == rendering_key(envs_read(cfg)):
         return str(shipped)
     if (cache_path(family) / "tiny_vlm.json").exists():
         return str(cache_path(family))
+    if not (shipped / "tiny_vlm.json").exists():
+        raise FramesDiffer(f"the shipped tiny model {shipped.relative_to(MODELS.parent)} is missing (`git checkout "
+                           f"models/` restores it); or build one with `python tiny_vlm.py --build {family}`")
     raise FramesDiffer(f"this machine draws {', '.join(envs_read(cfg))} frames differently from those the shipped "
                        f"tiny model ({shipped.relative_to(MODELS.parent)}) was trained on, and it would misread "
                        f"them; build one for this machine's frames once with `python tiny_vlm.py --build {family}` "
