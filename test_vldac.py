@@ -1101,13 +1101,16 @@ def test_sdpa_attention_matches_eager_with_left_padding(tiny_dir):
 def test_first_epoch_ratio_one_and_reference_kl_zero(tiny_dir, lora_r, bf16):
     """Re-scoring the stored steps through collate() (other padding, other batches) gives the rollout's
     log-probs and values back, and before any update the reference equals the policy (LoRA: B = 0). bf16 (the
-    GPU's default, here with the CPU's autocast): bf16 weights, but the trainable ones and Adam's state fp32."""
+    GPU's default, here with the CPU's autocast): bf16 weights, but the trainable ones and Adam's state fp32; its
+    products are not batch-invariant where the CPU has bf16 kernels (another batch, other blocking: log-probs
+    moved by up to 4e-3 on one machine), so re-scoring agrees to bf16's precision there, exactly in fp32."""
     args = make_args(tiny_dir, lora_r=lora_r, bf16=bf16)
     agent, processor = make_agent(args)
     assert isinstance(agent.policy, PeftModel) == (lora_r > 0)
     dtypes = {p.requires_grad: p.dtype for p in agent.policy.parameters()}
     assert dtypes == {True: torch.float32, False: torch.bfloat16 if bf16 else torch.float32}
     _, batch = collect(agent, processor, args)
+    tiny, tol = (1e-4, 1e-2) if bf16 else (1e-6, 1e-5)  # bf16: (log-prob error)^2 / 2 and bf16's relative error
     for index in ([0, 1, 2, 3], [3, 0], [2]):
         steps = [batch.steps[i] for i in index]
         inputs, response_ids, mask = rollout.collate(steps, processor.tokenizer.pad_token_id, "cpu")
@@ -1115,16 +1118,16 @@ def test_first_epoch_ratio_one_and_reference_kl_zero(tiny_dir, lora_r, bf16):
         ref = rollout.pad_stack([batch.ref_logprobs[i] for i in index], response_ids.shape[1])
         with torch.no_grad():
             logprobs, values = agent.get_logprobs_and_value(inputs, response_ids, mask)
-        assert (logprobs - old)[mask].abs().max() < 1e-5  # ratio == 1
-        assert (ref - old)[mask].abs().max() < 1e-6 and vldac.kl_penalty(logprobs, ref, mask).abs() < 1e-6
-        torch.testing.assert_close(values, batch.values.flatten()[index], atol=1e-5, rtol=1e-5)
+        assert (logprobs - old)[mask].abs().max() < (1e-2 if bf16 else 1e-5)  # ratio == 1
+        assert (ref - old)[mask].abs().max() < 1e-6 and vldac.kl_penalty(logprobs, ref, mask).abs() < tiny
+        torch.testing.assert_close(values, batch.values.flatten()[index], atol=tol, rtol=tol)
     # the update itself: one epoch, one minibatch -> every statistic is taken before the optimizer step
     adv, ret = gae_of(batch, args)
     optimizer = torch.optim.Adam([p for p in agent.parameters() if p.requires_grad], lr=1e-3)
     args.update_epochs = 1
     stats = vldac.update(agent, optimizer, batch, adv, ret, args, processor.tokenizer)
-    assert abs(stats["approx_kl"]) < 1e-9 and abs(stats["old_approx_kl"]) < 1e-5 and stats["clipfrac"] == 0, stats
-    assert abs(stats["kl_ref"]) < 1e-6, stats
+    assert abs(stats["approx_kl"]) < tiny ** 1.5 and abs(stats["old_approx_kl"]) < tol and stats["clipfrac"] == 0, stats
+    assert abs(stats["kl_ref"]) < tiny, stats
     assert all(v.dtype == torch.float32 for state in optimizer.state.values() for v in state.values() if v.dim())
 
 
@@ -1171,7 +1174,8 @@ def test_baseline_presets():
     loop = make_args("tiny", baseline="loop", num_envs=4, loop_group_size=2)
     assert (loop.policy_loss, loop.kl_beta, loop.vf_coef, loop.value_warmup_iters) == ("token", 0, 0, 0)
     vldac_args = make_args("tiny")
-    assert (vldac_args.kl_beta, vldac_args.value_warmup_iters, vldac_args.value_stop_grad) == (0.05, 2, True)
+    assert (vldac_args.kl_beta, vldac_args.value_warmup_iters, vldac_args.value_stop_grad) == (
+        vldac.TINY_DEFAULTS["kl_beta"], 2, True)
     with pytest.raises(SystemExit):
         make_args("tiny", baseline="loop", num_envs=4, loop_group_size=3)
     with pytest.raises(SystemExit):  # a preset's flag given another value
