@@ -519,12 +519,13 @@ class FramesDiffer(Exception):
 def tiny_model_path(family="numberline") -> str:
     """The tiny model of a family: the shipped one (models/), or, on a machine that draws that family's frames
     differently from the shipped model's (rendering_key), the one `--build` made for this machine's frames."""
-    cfg, shipped = FAMILIES[family], shipped_path(family)
-    if (shipped / "tiny_vlm.json").exists() and card(shipped)["rendering"] == rendering_key(envs_read(cfg)):
+    cfg, shipped, rebuilt = FAMILIES[family], shipped_path(family), cache_path(family)
+    is_shipped = (shipped / "tiny_vlm.json").exists()
+    if is_shipped and card(shipped)["rendering"] == rendering_key(envs_read(cfg)):
         return str(shipped)
-    if (cache_path(family) / "tiny_vlm.json").exists():
-        return str(cache_path(family))
-    if not (shipped / "tiny_vlm.json").exists():
+    if (rebuilt / "tiny_vlm.json").exists():
+        return str(rebuilt)
+    if not is_shipped:
         raise FramesDiffer(f"the shipped tiny model {shipped.relative_to(MODELS.parent)} is missing (`git checkout "
                            f"models/` restores it); or build one with `python tiny_vlm.py --build {family}`")
     raise FramesDiffer(f"this machine draws {', '.join(envs_read(cfg))} frames differently from those the shipped "

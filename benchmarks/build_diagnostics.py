@@ -48,7 +48,7 @@ def sampled_actions(model, processor, samples):
                 parse_failures=failed / n)
 
 
-def right_answers(processor, env, states):
+def right_answers(processor, states):
     """The 30 states' answers with the right thoughts and the right move, as response ids, mask, action column."""
     import torch
 
@@ -111,7 +111,7 @@ def supervised_steps(path, lr=3e-4, limit=300):
     model, processor = vlm.load_policy(path, "cpu")
     env, states, frames = states_and_frames(envs)
     inputs = rollout.prompt_inputs(processor, frames, [env.prompt()] * len(states), "cpu")
-    response, mask = right_answers(processor, env, states)
+    response, mask = right_answers(processor, states)
     action_ids = torch.tensor([processor.tokenizer.convert_tokens_to_ids(t) for t in ('Ġ"+"}', 'Ġ"-"}')])
     column = torch.isin(response, action_ids).float().argmax(1)  # (30,): where the move is
     agent = vldac.Agent(model, 1.0)
