@@ -6,7 +6,7 @@ import re
 import torch
 
 
-# ---- RL4VLM (Zhai et al. 2024): one PPO ratio per env step (vldac.rl4vlm_ppo_loss) on a weighted log-prob ----
+# ---- RL4VLM (Zhai et al. 2024): one PPO ratio per env step on a weighted log-prob (--policy-loss rl4vlm) ----
 def action_token_mask(tokenizer, response_ids):
     """RL4VLM's thought/action split of one response (R,): True from the token holding the `"action"` field's
     opening quote onwards (end-of-turn included). Found in the decoded text, so it works for any tokenizer
@@ -26,6 +26,13 @@ def rl4vlm_logprob(logprobs, token_mask, action_mask, thought_coef):
     return torch.where(token_mask, logprobs * weights, 0.0).sum(1)
 
 
+def rl4vlm_ppo_loss(logprobs, old_logprobs, advantages, token_mask, action_mask, thought_coef, clip_coef):
+    """RL4VLM's policy loss: ONE clipped PPO ratio per step, on the lambda-weighted summed log-prob, (B, R) -> ()."""
+    ratio = (rl4vlm_logprob(logprobs, token_mask, action_mask, thought_coef)
+             - rl4vlm_logprob(old_logprobs, token_mask, action_mask, thought_coef)).exp()  # (B,)
+    return torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - clip_coef, 1 + clip_coef)).mean()
+
+
 # ---- LOOP (Chen et al. 2025), no critic: K episodes of one task, leave-one-out advantages (--baseline loop) ----
 def loop_advantages(episode_returns, episode_of_step, group_size):
     """Episode i's return minus the mean return of the other K - 1 episodes of its group (same task), given to every
@@ -37,7 +44,6 @@ def loop_advantages(episode_returns, episode_of_step, group_size):
 
 def loop_rollout(runner, agent, processor, args, trajectories=None):
     """LOOP's stages 1-3: one whole episode per env, K per task; its advantages; no value targets (vf_coef 0)."""
-    batch = runner.collect_episodes(agent, processor, args.loop_group_size, args.temperature, args.max_new_tokens,
-                                    trajectories)
+    batch = runner.collect_episodes(agent, processor, args.loop_group_size, trajectories)
     episode_returns = torch.tensor([e["episodic_return"] for e in batch.episodes])  # (N,)
     return batch, loop_advantages(episode_returns, batch.episode_of_step, args.loop_group_size), batch.values

@@ -4,6 +4,7 @@ import json
 import os
 import pickle
 import random
+import signal
 import sys
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -13,25 +14,74 @@ import torch
 import torch.distributed as dist
 from torch.utils.tensorboard import SummaryWriter
 
+import distributed
 from distributed import RANK, WORLD_SIZE
-from vlm import fail
+from flags import fail
 
 
-def open_writer(run_dir, run_name, args, resumed_step=None):
-    """Rank 0's TensorBoard writer in the run directory (and W&B with --track); None on other ranks. Resuming,
-    TensorBoard hides what the crashed run logged after its checkpoint (purge_step)."""
+def open_writer(run_dir, args, resumed_step=None):
+    """(rank 0's TensorBoard writer, the run directory): a new run claims a directory no other run has (a sweep's
+    runs started in the same second with the same name and seed get run_dir, run_dir-2, ...); W&B with --track.
+    Resuming, TensorBoard hides what the stopped run logged after its checkpoint (purge_step). Other ranks: None."""
+    run_dir = Path(run_dir)
     if RANK != 0:
-        return None
+        return None, run_dir
+    if resumed_step is None:
+        run_dir = claim_directory(run_dir)
     if args.track:
         import wandb
 
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                   config=vars(args), name=run_name, save_code=True)
+                   config=vars(args), name=run_dir.name, save_code=True)
     writer = SummaryWriter(str(run_dir), purge_step=None if resumed_step is None else resumed_step + 1)
     if resumed_step is None:
         writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" +
                         "\n".join(f"|{key}|{value}|" for key, value in vars(args).items()))
-    return writer
+    return writer, run_dir
+
+
+def claim_directory(path):
+    """Create path, or path-2, path-3, ... if it exists: mkdir is atomic, so two processes never get the same one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for suffix in ["", *(f"-{n}" for n in range(2, 10_000))]:
+        try:
+            candidate = path.with_name(path.name + suffix)
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            continue
+    fail(f"{path} and 9,998 numbered variants of it exist already")
+
+
+class StopOnSignal:
+    """Ctrl-C (SIGINT) or SIGTERM during training: the run finishes its iteration, writes a checkpoint and exits;
+    a second signal exits at once (a checkpoint being written is abandoned, the previous one stays intact)."""
+
+    def __init__(self):
+        self.signal = None
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, self.handle)
+
+    def handle(self, signum, frame):
+        if self.signal is not None:
+            print("stopped at once; the last complete checkpoint stays", file=sys.stderr, flush=True)
+            sys.exit(128 + signum)
+        self.signal = signum
+        if RANK == 0:
+            print(f"{signal.Signals(signum).name}: stopping after this iteration, with a checkpoint (again: stop at "
+                  f"once)", file=sys.stderr, flush=True)
+
+    def requested(self):
+        """Whether any rank got a signal (a collective under torchrun: every rank stops after the same iteration)."""
+        return distributed.sum_over_ranks(dict(stop=float(self.signal is not None)))["stop"] > 0
+
+    def exit(self, writer, run_dir, iteration, global_step):
+        if writer is not None:
+            writer.close()
+        if RANK == 0:
+            print(f"stopped after iteration {iteration} ({global_step} env steps), checkpoint written; continue with: "
+                  f"python vldac.py --resume {run_dir}", file=sys.stderr, flush=True)
+        sys.exit(128 + (self.signal or signal.SIGINT))
 
 
 def save_model(path, agent, processor, args):
@@ -68,11 +118,14 @@ def save_checkpoint(path, agent, optimizer, runner, args, run_name, iteration, g
                  trainable={n: p.detach().cpu() for n, p in agent.named_parameters() if p.requires_grad},
                  optimizer=optimizer.state_dict(), per_rank=per_rank)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)  # atomic on POSIX
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # atomic on POSIX
+    finally:  # interrupted (a second Ctrl-C): no half-written file left beside the previous checkpoint
+        tmp.unlink(missing_ok=True)
 
 
 def load_checkpoint(run_dir):

@@ -12,6 +12,7 @@ the reward it got) and a last one showing the final state with the return.
 import json
 import math
 import os
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,9 +24,11 @@ import tyro
 from PIL import Image, ImageDraw, ImageFont
 
 import envs
+import flags
 import rollout
 import tiny_vlm
-from vlm import fail, is_tiny, load_policy, model_dir, resolve
+from flags import fail
+from vlm import is_tiny, load_policy, locate, model_dir
 
 # --max-new-tokens when not given: vldac.py's defaults tables (TINY_DEFAULTS / PAPER_DEFAULTS; a test pins them)
 DEFAULT_MAX_NEW_TOKENS = dict(tiny=48, paper=256)
@@ -60,7 +63,7 @@ class Args:
     """frames per caption probe"""
     save_trajectories: Optional[str] = None
     """a directory: every step as one JSON line (prompt, answer, parsed action, reward, ...) plus the frames as PNG,
-    per model in a sub-directory (evaluate.Trajectories documents the format)"""
+    per model in a sub-directory (rollout.Trajectories documents the format)"""
     output: Optional[str] = None
     """JSON file with one record per (model, env) (default: runs/eval_{time}.json)"""
 
@@ -102,61 +105,43 @@ def evaluate(model, processor, env_id, num_episodes=50, num_envs=10, temperature
     """Play exactly num_episodes episodes of env_id (episode k reset with seed + k), num_envs at a time.
     Returns the metrics (see the module docstring); the model is left in eval mode. With a TensorBoard
     writer, each episode's return is logged as eval/episodic_return at step k (CleanRL's pattern). With a
-    trajectory_dir, every step is written there (Trajectories)."""
+    trajectory_dir, every step is written there (rollout.Trajectories)."""
     model.eval()
     num_envs = min(num_envs, num_episodes)
     env_list = [envs.make_env(env_id, **(env_kwargs or {})) for _ in range(num_envs)]
-    device, pad_token_id = model.device, processor.tokenizer.pad_token_id
-    eos_ids = torch.tensor(rollout.eos_token_ids(model), device=device)
-    episodes, videos = [], []
-    steps = parse_failures = response_tokens = 0
-    slots = [None] * num_envs  # per env: dict(index, frames, return, length, video) of its current episode
-    next_episode = 0
-
-    def start(i):
-        nonlocal next_episode
-        if next_episode >= num_episodes:
-            slots[i] = None  # no more episodes to hand out: the slot idles
-            return
-        frames, _ = env_list[i].reset(seed=seed + next_episode)
-        record = video_dir is not None and next_episode < video_episodes
-        slots[i] = dict(index=next_episode, frames=frames, ret=0.0, length=0, video=[] if record else None)
-        next_episode += 1
-
-    trajectories = Trajectories(trajectory_dir, env_id) if trajectory_dir is not None else None
+    sampling = rollout.Sampling(temperature, max_new_tokens)
+    episodes, videos, steps, parse_failures, response_tokens = [], [], 0, 0, 0
+    playing, gifs = [None] * num_envs, {}  # per env: its rollout.Episode, None when none is left; GIF frames
+    trajectories = rollout.Trajectories(trajectory_dir, env_id) if trajectory_dir is not None else None
     for i in range(num_envs):
-        start(i)
-    while any(slots):
-        active = [i for i in range(num_envs) if slots[i] is not None]
-        prompts = [env_list[i].prompt() for i in active]
-        inputs = rollout.prompt_inputs(processor, [slots[i]["frames"] for i in active], prompts, device)
-        response_ids = rollout.generate(model, inputs, pad_token_id, max_new_tokens, temperature)  # (B, R)
-        token_mask = rollout.response_mask(response_ids, eos_ids)  # (B, R)
-        answers = processor.batch_decode(response_ids.masked_fill(~token_mask, pad_token_id), skip_special_tokens=True)
-        response_tokens += int(token_mask.sum())
-        for i, answer, prompt in zip(active, answers, prompts):
-            slot = slots[i]
-            seen = slot["frames"][-1]  # (H, W, 3) the newest frame the model answered
-            slot["frames"], reward, terminated, truncated, info = env_list[i].step(answer)
-            if trajectories is not None:
-                trajectories.write(slot["index"], slot["length"], seen, env_list[i].num_frames, prompt, answer,
-                                   env_list[i].actions, info, reward, terminated, truncated)
-            slot["ret"] += reward
-            slot["length"] += 1
+        playing[i] = rollout.Episode(i, env_list[i].reset(seed=seed + i)[0])
+    next_episode = num_envs
+    while any(playing):
+        active = [i for i in range(num_envs) if playing[i] is not None]
+        out = rollout.answer(model, processor, [playing[i].frames for i in active],
+                             [env_list[i].prompt() for i in active], sampling)
+        response_tokens += int(out.token_mask.sum())
+        for i, text in zip(active, out.texts):
+            episode, seen = playing[i], playing[i].frames[-1]  # (H, W, 3) the newest frame the model answered
+            reward, _, _, info, summary = episode.step(env_list[i], text, trajectories)
             steps += 1
             parse_failures += int(info["parse_failed"])
-            if slot["video"] is not None:
-                slot["video"].append(annotate(seen, f"step {slot['length']}: {answer.strip()} -> reward {reward:+g}"))
-            if terminated or truncated:
-                episodes.append(dict(episode=slot["index"], episodic_return=float(slot["ret"]),
-                                     episodic_length=slot["length"], success=bool(info["success"])))
-                if slot["video"] is not None:
-                    slot["video"].append(annotate(slot["frames"][-1], f"end: return {slot['ret']:+g}, "
-                                                                      f"{'success' if info['success'] else 'failure'}"))
-                    path = Path(video_dir) / f"{env_id.replace('/', '_')}__episode{slot['index']}.gif"
-                    save_gif(path, slot["video"])
-                    videos.append(str(path))
-                start(i)
+            if video_dir is not None and episode.number < video_episodes:
+                gifs.setdefault(episode.number, []).append(
+                    annotate(seen, f"step {episode.length}: {text.strip()} -> reward {reward:+g}"))
+            if summary is None:
+                continue
+            episodes.append(summary)
+            if episode.number in gifs:
+                gif = gifs.pop(episode.number) + [annotate(episode.frames[-1], f"end: return {episode.ret:+g}, "
+                                                  f"{'success' if summary['success'] else 'failure'}")]
+                path = Path(video_dir) / f"{env_id.replace('/', '_')}__episode{episode.number}.gif"
+                save_gif(path, gif)
+                videos.append(str(path))
+            playing[i] = None
+            if next_episode < num_episodes:  # the next episode, whichever env is free: seed + its number
+                playing[i] = rollout.Episode(next_episode, env_list[i].reset(seed=seed + next_episode)[0])
+                next_episode += 1
     for env in env_list:
         env.close()
     if trajectories is not None:
@@ -173,35 +158,6 @@ def evaluate(model, processor, env_id, num_episodes=50, num_envs=10, temperature
                 length_mean=float(np.mean([e["episodic_length"] for e in episodes])),
                 parse_failure_rate=parse_failures / steps, response_tokens_mean=response_tokens / steps,
                 episodes=episodes, videos=sorted(videos))
-
-
-class Trajectories:
-    """What the agent saw and said, one JSON line per step in DIR/{env}.jsonl (env_id, episode, step, prompt,
-    answer, action, action_name, parse_failed, reward, terminated, truncated, frames) and the frame it answered
-    as DIR/frames/{env}__episode{k}__step{t}.png. `frames` lists the prompt's images, oldest first, as paths
-    relative to DIR (the first frame of an episode repeated until K frames exist, as envs.TextEnv stacks them)."""
-
-    def __init__(self, directory, env_id):
-        self.dir, self.env_id, self.tag = Path(directory), env_id, env_id.replace("/", "_")
-        (self.dir / "frames").mkdir(parents=True, exist_ok=True)
-        self.file = open(self.dir / f"{self.tag}.jsonl", "w", buffering=1)  # line-buffered: complete lines on disk
-        self.seen = {}  # episode -> frame paths so far
-
-    def write(self, episode, step, frame, num_frames, prompt, answer, actions, info, reward, terminated, truncated):
-        path = f"frames/{self.tag}__episode{episode}__step{step}.png"
-        Image.fromarray(frame).save(self.dir / path)
-        seen = self.seen.setdefault(episode, [])
-        seen.append(path)
-        frames = ([seen[0]] * num_frames + seen)[-num_frames:]
-        self.file.write(json.dumps(dict(env_id=self.env_id, episode=episode, step=step, prompt=prompt, answer=answer,
-                                        action=info["action"], action_name=actions[info["action"]],
-                                        parse_failed=bool(info["parse_failed"]), reward=float(reward),
-                                        terminated=bool(terminated), truncated=bool(truncated), frames=frames)) + "\n")
-        if terminated or truncated:
-            del self.seen[episode]
-
-    def close(self):
-        self.file.close()
 
 
 def after_training(model, processor, args, run_dir, writer):
@@ -242,8 +198,20 @@ def markdown_table(records):
     return "\n".join(rows)
 
 
+def write_results(output, args, settings, records):
+    """The JSON of every (model, env) measured so far, replaced whole (a temp file renamed over it)."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(output.name + ".tmp")
+    tmp.write_text(json.dumps(dict(model_ids=args.model_ids, env_ids=args.env_ids, seed=args.seed,
+                                   num_episodes=args.num_episodes, num_envs=args.num_envs, temperature=args.temperature,
+                                   decoding="greedy" if args.temperature == 0 else "sampled (top_k=0, top_p=1)",
+                                   per_model=settings, records=records), indent=2))
+    os.replace(tmp, output)
+
+
 if __name__ == "__main__":
-    args = tyro.cli(Args)
+    args = tyro.cli(Args, description=__doc__)
+    flags.check(args, flags.EVALUATE)  # every flag's domain, then the envs and the models: before any model loads
     for env_id in args.env_ids:
         if env_id not in envs.ENV_IDS:
             fail(f"unknown --env-ids {env_id!r}; valid ids: {', '.join(envs.ENV_IDS)}")
@@ -252,48 +220,42 @@ if __name__ == "__main__":
                 envs.make_env(env_id).close()
             except RuntimeError as e:
                 fail(str(e))
-    for name in ("num_episodes", "num_envs", "caption_frames"):
-        if getattr(args, name) < 1:
-            fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.temperature < 0:
-        fail(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
-    if args.max_new_tokens is not None and args.max_new_tokens < 1:
-        fail(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    paths = {(m, e): locate(m, e) for m in args.model_ids for e in args.env_ids}  # `tiny`: one model per env family
     output = Path(args.output or f"runs/eval_{int(time.time())}.json")
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     torch.manual_seed(args.seed)  # sampled decoding: the same seed, the same samples
-
     records, settings = [], {}
-    for model_id in args.model_ids:
-        tiny = is_tiny(model_id)
-        max_new_tokens = args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS["tiny" if tiny else "paper"]
-        settings[model_id] = dict(max_new_tokens=max_new_tokens)
-        probe = tiny if args.caption_probe is None else args.caption_probe
-        loaded = None
-        for env_id in args.env_ids:
-            path = resolve(model_id, env_id)  # `tiny` is one model per family of envs
-            if path != loaded:
-                model, processor = load_policy(model_id, device, env_id=env_id, trainable=False)
-                loaded = path
-            tag = model_id.strip("/").replace("/", "_")
-            record = evaluate(model, processor, env_id, args.num_episodes, args.num_envs, args.temperature,
-                              max_new_tokens, args.seed, env_kwargs=checkpoint_env_kwargs(model_id),
-                              video_dir=output.with_suffix("") / tag if args.capture_video else None,
-                              video_episodes=args.video_episodes,
-                              trajectory_dir=Path(args.save_trajectories) / tag if args.save_trajectories else None)
-            caption = None
-            if probe:
-                caption = tiny_vlm.caption_accuracy(rollout.base_model(model), processor, env_id, args.caption_frames)
-            records.append(dict(model_id=model_id, **record, caption_accuracy=caption))
-            print(f"{model_id} {env_id}: success {record['success_rate']:.2f}", flush=True)
-        del model
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM as Ctrl-C: the rows written stay
+
+    try:
+        for model_id in args.model_ids:
+            tiny = is_tiny(model_id)
+            max_new_tokens = args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS["tiny" if tiny else "paper"]
+            settings[model_id] = dict(max_new_tokens=max_new_tokens)
+            probe = tiny if args.caption_probe is None else args.caption_probe
+            loaded = None
+            for env_id in args.env_ids:
+                if paths[model_id, env_id] != loaded:
+                    model, processor = load_policy(model_id, device, env_id=env_id, trainable=False)
+                    loaded = paths[model_id, env_id]
+                tag = model_id.strip("/").replace("/", "_")
+                record = evaluate(model, processor, env_id, args.num_episodes, args.num_envs, args.temperature,
+                                  max_new_tokens, args.seed, env_kwargs=checkpoint_env_kwargs(model_id),
+                                  video_dir=output.with_suffix("") / tag if args.capture_video else None,
+                                  video_episodes=args.video_episodes, trajectory_dir=Path(args.save_trajectories) / tag
+                                  if args.save_trajectories else None)
+                caption = None
+                if probe:
+                    caption = tiny_vlm.caption_accuracy(rollout.base_model(model), processor, env_id,
+                                                        args.caption_frames)
+                records.append(dict(model_id=model_id, **record, caption_accuracy=caption))
+                write_results(output, args, settings, records)  # each row as it finishes: a later failure keeps it
+                print(f"{model_id} {env_id}: success {record['success_rate']:.2f}", flush=True)
+            del model
+    except KeyboardInterrupt:
+        fail(f"interrupted: {len(records)} of {len(paths)} (model, env) rows finished"
+             + (f", written to {output}" if records else ""))
 
     print(markdown_table(records))
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(dict(model_ids=args.model_ids, env_ids=args.env_ids, seed=args.seed,
-                                      num_episodes=args.num_episodes, num_envs=args.num_envs,
-                                      temperature=args.temperature, decoding="greedy" if args.temperature == 0
-                                      else "sampled (top_k=0, top_p=1)", per_model=settings, records=records),
-                                 indent=2))
     videos = [video for record in records for video in record["videos"]]
     print(f"results written to {output}" + (f"; GIFs: {' '.join(videos)}" if videos else ""))

@@ -12,11 +12,15 @@ token is the last prompt column of every row), responses right-padded with a tok
 """
 import contextlib
 import dataclasses
+import json
+from pathlib import Path
 
-import numpy as np
 import torch
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
+from PIL import Image
+
+from flags import fail
 
 SEQUENCE_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")  # (B, P) processor outputs
 TEXT_MARKS = ("mm_token_type_ids", "token_type_ids")  # text (0) / image (1) per token: Qwen2-VL's, Gemma 3's
@@ -89,21 +93,42 @@ def lora_merged(model):
                 weight.copy_(copy)
 
 
-def generate(model, inputs, pad_token_id, max_new_tokens, temperature=1.0, static_cache=False, merge_lora=False):
-    """The one call to model.generate() (rollouts, evaluation, the tiny model's probe) -> response ids (B, R).
-    temperature 0: greedy; T > 0: the full distribution at T, with top_k=0, top_p=1 and no repetition penalty
-    given explicitly, since a checkpoint's generation_config (Qwen2-VL: top_k=1) would otherwise fill them in.
-    Vision tokens are suppressed and any end-of-turn id stops a row. static_cache: transformers' fixed-size KV
-    cache, with which transformers compiles the decoding step on CUDA (torch.compile, CUDA graphs; the first call
-    of each batch shape compiles). merge_lora: decode with the adapter merged (lora_merged). Both change how tokens
-    are sampled, not what is scored: log-probs come from the scoring forward either way."""
-    decoding = dict(do_sample=False) if temperature == 0 else dict(do_sample=True, temperature=temperature, top_k=0,
-                                                                   top_p=1.0)
-    if static_cache:
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How responses are decoded, the one route to generate(). temperature 0: greedy; T > 0: the full distribution
+    at T (log-probs are scored at the same T). static_cache: transformers' fixed-size KV cache, with which it
+    compiles the decoding step on CUDA. merge_lora: decode with the adapter merged (lora_merged)."""
+
+    temperature: float = 1.0
+    max_new_tokens: int = 48
+    static_cache: bool = False
+    merge_lora: bool = False
+
+
+def sampling_for(policy, device, temperature, max_new_tokens, static_cache=None, merge_lora=False, bf16=None):
+    """vldac.py's decoding settings. static_cache None: on CUDA with LoRA (a full fine-tune under bf16 autocast has
+    fp32 embeddings, and its eager prefill and compiled decoding steps disagree on the cache's dtype)."""
+    lora, compiled = isinstance(policy, PeftModel), torch.device(device).type == "cuda"  # transformers compiles on CUDA
+    if static_cache is None:
+        static_cache = compiled and lora
+    if static_cache and compiled and bf16 is not False and not lora:
+        fail("--static-cache True on CUDA needs LoRA (--lora-r > 0) or --bf16 False: in a full fine-tune under bf16 "
+             "autocast the compiled decoding step writes bf16 keys into the prefill's fp32 cache")
+    return Sampling(temperature, max_new_tokens, static_cache, merge_lora and lora)
+
+
+def generate(model, inputs, pad_token_id, sampling):
+    """The one call to model.generate() -> response ids (B, R). Sampling is explicit (top_k=0, top_p=1, no
+    repetition penalty), since a checkpoint's generation_config (Qwen2-VL: top_k=1) would otherwise fill them in.
+    Vision tokens are suppressed and any end-of-turn id stops a row. The static cache and the merged adapter change
+    how tokens are sampled, not what is scored: log-probs come from the scoring forward either way."""
+    decoding = dict(do_sample=False) if sampling.temperature == 0 else dict(
+        do_sample=True, temperature=sampling.temperature, top_k=0, top_p=1.0)
+    if sampling.static_cache:
         decoding["cache_implementation"] = "static"
-    merged = lora_merged(model) if merge_lora and isinstance(model, PeftModel) else contextlib.nullcontext()
+    merged = lora_merged(model) if sampling.merge_lora and isinstance(model, PeftModel) else contextlib.nullcontext()
     with merged, compute_context(model):
-        sequences = model.generate(**inputs, **decoding, repetition_penalty=1.0, max_new_tokens=max_new_tokens,
+        sequences = model.generate(**inputs, **decoding, repetition_penalty=1.0, max_new_tokens=sampling.max_new_tokens,
                                    suppress_tokens=vision_token_ids(model), eos_token_id=eos_token_ids(model),
                                    pad_token_id=pad_token_id)  # (B, P + R)
     return sequences[:, inputs["input_ids"].shape[1]:]
@@ -113,6 +138,29 @@ def response_mask(response_ids, eos_ids):
     """1 for generated tokens up to and including the first end-of-turn token, 0 for padding after it."""
     is_eos = torch.isin(response_ids, eos_ids).long()  # (B, R)
     return (is_eos.cumsum(1) - is_eos) == 0  # no eos strictly before this position
+
+
+@dataclasses.dataclass
+class Answers:
+    """A batch of responses: the prompt inputs generate() saw, the response ids (B, R), the token mask (B, R) through
+    the first end-of-turn token, and the decoded texts."""
+
+    inputs: dict
+    response_ids: torch.Tensor
+    token_mask: torch.Tensor
+    texts: list
+
+
+def answer(model, processor, frames, prompts, sampling):
+    """Observations -> answers, the one path from what an env shows to what the model says (rollouts, evaluation,
+    the tiny model's probes): the prompt as the processor builds it, one batched generate, decoded up to each row's
+    end of turn. frames: per row a list of (H, W, 3) images; prompts: per row the text."""
+    inputs = prompt_inputs(processor, frames, prompts, model.device)
+    pad_token_id = processor.tokenizer.pad_token_id
+    response_ids = generate(model, inputs, pad_token_id, sampling)  # (B, R)
+    token_mask = response_mask(response_ids, torch.tensor(eos_token_ids(model), device=model.device))  # (B, R)
+    texts = processor.batch_decode(response_ids.masked_fill(~token_mask, pad_token_id), skip_special_tokens=True)
+    return Answers(inputs, response_ids, token_mask, texts)
 
 
 def split_steps(inputs, response_ids, token_mask):
@@ -184,6 +232,59 @@ class Rollout:
     episode_of_step: torch.Tensor = None  # collect_episodes only: (S,) the env (= episode) of each step
 
 
+@dataclasses.dataclass
+class Episode:
+    """An episode in play: its number (its name in trajectories), the frames the model answers next, the totals."""
+
+    number: int
+    frames: list
+    ret: float = 0.0
+    length: int = 0
+
+    def step(self, env, text, trajectories=None):
+        """env acts on the answer text; the step goes to trajectories if given. Returns (reward, terminated,
+        truncated, info, summary), summary = the finished episode's record (None while it goes on)."""
+        seen, prompt = self.frames[-1], env.prompt()  # (H, W, 3) the newest frame the model answered
+        self.frames, reward, terminated, truncated, info = env.step(text)
+        if trajectories is not None:
+            trajectories.write(dict(episode=self.number, step=self.length, prompt=prompt, answer=text,
+                                    action=info["action"], action_name=env.actions[info["action"]],
+                                    parse_failed=bool(info["parse_failed"]), reward=float(reward),
+                                    terminated=bool(terminated), truncated=bool(truncated)), seen, env.num_frames)
+        self.ret += reward
+        self.length += 1
+        summary = dict(episode=self.number, episodic_return=float(self.ret), episodic_length=self.length,
+                       success=bool(info["success"])) if terminated or truncated else None
+        return reward, terminated, truncated, info, summary
+
+
+class Trajectories:
+    """What the agent saw and said, one JSON line per step in DIR/{env}.jsonl (env_id, episode, step, prompt,
+    answer, action, action_name, parse_failed, reward, terminated, truncated, frames) and the frame it answered
+    as DIR/frames/{env}__episode{k}__step{t}.png. `frames` lists the prompt's images, oldest first, as paths
+    relative to DIR (the first frame of an episode repeated until K frames exist, as envs.TextEnv stacks them)."""
+
+    def __init__(self, directory, env_id):
+        self.dir, self.env_id, self.tag = Path(directory), env_id, env_id.replace("/", "_")
+        (self.dir / "frames").mkdir(parents=True, exist_ok=True)
+        self.file = open(self.dir / f"{self.tag}.jsonl", "w", buffering=1)  # line-buffered: complete lines on disk
+        self.seen = {}  # episode -> frame paths so far
+
+    def write(self, record, frame, num_frames):
+        """record: Episode.step's fields of one step; frame (H, W, 3): the newest the model saw, of num_frames."""
+        path = f"frames/{self.tag}__episode{record['episode']}__step{record['step']}.png"
+        Image.fromarray(frame).save(self.dir / path)
+        seen = self.seen.setdefault(record["episode"], [])
+        seen.append(path)
+        frames = ([seen[0]] * num_frames + seen)[-num_frames:]
+        self.file.write(json.dumps(dict(env_id=self.env_id, **record, frames=frames)) + "\n")
+        if record["terminated"] or record["truncated"]:
+            del self.seen[record["episode"]]
+
+    def close(self):
+        self.file.close()
+
+
 class EnvRunner:
     """num_envs TextEnvs stepped together. It owns the reset loop: a finished env is reset at once
     with a derived seed, its episode recorded; no reset step ever becomes experience."""
@@ -191,29 +292,27 @@ class EnvRunner:
     def __init__(self, env_list, seed):
         self.envs, self.seed = env_list, seed
         self.episodes_started = [0] * len(env_list)
-        self.frames = [env.reset(seed=seed + i)[0] for i, env in enumerate(env_list)]  # env i: seed + i
-        self.episode_return = np.zeros(len(env_list))
-        self.episode_length = np.zeros(len(env_list), dtype=int)
+        self.episodes = [Episode(i, env.reset(seed=seed + i)[0]) for i, env in enumerate(env_list)]  # env i: seed + i
 
-    def reset(self, i):
-        self.episodes_started[i] += 1  # episode k of env i: seed + i + k * num_envs, never repeated
-        self.frames[i] = self.envs[i].reset(seed=self.seed + i + self.episodes_started[i] * len(self.envs))[0]
-        self.episode_return[i], self.episode_length[i] = 0.0, 0
+    def reset(self, i, seed=None):
+        """Env i starts its next episode, k: number k * num_envs + i, seed + that number unless given (LOOP's)."""
+        self.episodes_started[i] += 1
+        number = self.episodes_started[i] * len(self.envs) + i  # never repeated
+        self.episodes[i] = Episode(number, self.envs[i].reset(seed=self.seed + number if seed is None else seed)[0])
 
     @torch.no_grad()
-    def collect(self, agent, processor, num_steps, temperature, max_new_tokens, trajectories=None):
-        """Advance every env num_steps times under the current policy (eval mode: no dropout). trajectories: an
-        evaluate.Trajectories that every step is written to (what the agent saw and said), or None."""
+    def collect(self, agent, processor, num_steps, trajectories=None):
+        """Advance every env num_steps times under the current policy (eval mode: no dropout). trajectories: a
+        Trajectories that every step is written to (what the agent saw and said), or None."""
         agent.eval()
-        device, num_envs = agent.device, len(self.envs)
+        num_envs = len(self.envs)
         shape = (num_steps, num_envs)  # (T, N)
         rollout = Rollout(steps=[], logprobs=[], ref_logprobs=[], values=torch.zeros(shape), rewards=torch.zeros(shape),
                           terminated=torch.zeros(shape, dtype=torch.bool),
                           truncated=torch.zeros(shape, dtype=torch.bool), bootstrap_values=torch.zeros(shape),
                           last_values=None, episodes=[], parse_failures=0, response_tokens=0.0)
         for t in range(num_steps):
-            steps, logprobs, ref_logprobs, values, answers = self.respond(agent, processor, range(num_envs), temperature,
-                                                                         max_new_tokens)
+            steps, logprobs, ref_logprobs, values, texts = self.respond(agent, processor, range(num_envs))
             rollout.steps += steps
             rollout.logprobs += logprobs
             rollout.ref_logprobs += ref_logprobs
@@ -221,90 +320,65 @@ class EnvRunner:
             rollout.response_tokens += sum(map(len, logprobs)) / (num_steps * num_envs)
 
             truncated_states = []
-            for i, (env, answer) in enumerate(zip(self.envs, answers)):
-                reward, terminated, truncated, info = self.act(i, answer, int(self.episode_length[i]), trajectories)
+            for i, (env, text) in enumerate(zip(self.envs, texts)):
+                reward, terminated, truncated, info, summary = self.episodes[i].step(env, text, trajectories)
                 rollout.rewards[t, i], rollout.terminated[t, i], rollout.truncated[t, i] = reward, terminated, truncated
                 rollout.parse_failures += int(info["parse_failed"])
-                self.episode_return[i] += reward
-                self.episode_length[i] += 1
-                if terminated or truncated:
-                    rollout.episodes.append(dict(episodic_return=float(self.episode_return[i]),
-                                                 episodic_length=int(self.episode_length[i]),
-                                                 success=float(info["success"])))
-                    if truncated and not terminated:  # a time limit: bootstrap from V(truncated state)
-                        truncated_states.append((i, self.frames[i], env.prompt()))
+                if summary is not None:
+                    rollout.episodes.append(summary)
+                if truncated and not terminated:  # a time limit: bootstrap from V(truncated state)
+                    truncated_states.append((i, self.episodes[i].frames, env.prompt()))
             if truncated_states:  # one value-only forward for all truncated envs, before their reset
                 index, frames, prompts = zip(*truncated_states)
-                values = agent.get_value(prompt_inputs(processor, frames, prompts, device))  # (n,)
+                values = agent.get_value(prompt_inputs(processor, frames, prompts, agent.device))  # (n,)
                 rollout.bootstrap_values[t, list(index)] = values.float().cpu()
             for i in range(num_envs):
                 if rollout.terminated[t, i] or rollout.truncated[t, i]:
                     self.reset(i)
-        inputs = prompt_inputs(processor, self.frames, [env.prompt() for env in self.envs], device)
+        inputs = prompt_inputs(processor, [e.frames for e in self.episodes], [env.prompt() for env in self.envs],
+                               agent.device)
         rollout.last_values = agent.get_value(inputs).float().cpu()  # (N,)
         return rollout
 
-    def respond(self, agent, processor, indices, temperature, max_new_tokens):
+    def respond(self, agent, processor, indices):
         """The model's part of one env step of envs `indices`, batched: one generate and one scoring forward (and
         the reference's). Returns the stored steps, log pi_old and log pi_ref per step ((R_i,) each), V_old (n,)
         and the decoded answers."""
-        inputs = prompt_inputs(processor, [self.frames[i] for i in indices], [self.envs[i].prompt() for i in indices],
-                               agent.device)
-        response_ids = generate(agent.policy, inputs, processor.tokenizer.pad_token_id, max_new_tokens,
-                                temperature, agent.static_cache, agent.merge_lora)  # (n, R)
-        token_mask = response_mask(response_ids, torch.tensor(agent.eos_token_ids, device=agent.device))  # (n, R)
+        out = answer(agent.policy, processor, [self.episodes[i].frames for i in indices],
+                     [self.envs[i].prompt() for i in indices], agent.sampling)
         # the scoring forward gets exactly what generate got, response appended
-        logprobs, values = agent.get_logprobs_and_value(inputs, response_ids, token_mask)  # (n, R), (n,)
-        ref_logprobs = agent.get_reference_logprobs(inputs, response_ids, token_mask)  # (n, R)
-        lengths = token_mask.sum(1).tolist()
-        answers = processor.batch_decode(response_ids.masked_fill(~token_mask, processor.tokenizer.pad_token_id),
-                                         skip_special_tokens=True)
-        return (split_steps(inputs, response_ids, token_mask), [logprobs[i, :n].cpu() for i, n in enumerate(lengths)],
-                [ref_logprobs[i, :n].cpu() for i, n in enumerate(lengths)], values.float().cpu(), answers)
-
-    def act(self, i, answer, step, trajectories=None):
-        """Env i acts on the answer (its new frames kept); the step, with the frame and prompt it answered, goes to
-        trajectories if given. Returns reward, terminated, truncated, info."""
-        env, seen, prompt = self.envs[i], self.frames[i][-1], self.envs[i].prompt()
-        self.frames[i], reward, terminated, truncated, info = env.step(answer)
-        if trajectories is not None:  # episode k of env i is number k * num_envs + i, as its seed
-            trajectories.write(self.episodes_started[i] * len(self.envs) + i, step, seen, env.num_frames, prompt,
-                               answer, env.actions, info, reward, terminated, truncated)
-        return reward, terminated, truncated, info
+        logprobs, values = agent.get_logprobs_and_value(out.inputs, out.response_ids, out.token_mask)  # (n, R), (n,)
+        ref_logprobs = agent.get_reference_logprobs(out.inputs, out.response_ids, out.token_mask)  # (n, R)
+        lengths = out.token_mask.sum(1).tolist()
+        return (split_steps(out.inputs, out.response_ids, out.token_mask),
+                [logprobs[i, :n].cpu() for i, n in enumerate(lengths)],
+                [ref_logprobs[i, :n].cpu() for i, n in enumerate(lengths)], values.float().cpu(), out.texts)
 
     @torch.no_grad()
-    def collect_episodes(self, agent, processor, group_size, temperature, max_new_tokens, trajectories=None):
+    def collect_episodes(self, agent, processor, group_size, trajectories=None):
         """One whole episode per env, for LOOP (a critic-free baseline): envs [g K, (g + 1) K) form group g and
         start from the same seed (the same task); envs that finish wait for the rest (trajectories: as collect).
         Returns a Rollout whose (S,) tensors run over the S env steps taken, in order of time then env, and
         `episode_of_step` (S,): the env (= episode) index of each step. Every rollout starts new episodes."""
         agent.eval()
-        num_envs = len(self.envs)
-        for i, env in enumerate(self.envs):  # group g's seed: seed + g + (rollouts so far) * groups, never repeated
-            self.episodes_started[i] += 1
-            group, groups = i // group_size, num_envs // group_size
-            self.frames[i] = env.reset(seed=self.seed + group + self.episodes_started[i] * groups)[0]
+        num_envs, groups = len(self.envs), len(self.envs) // group_size
+        for i in range(num_envs):  # group g's seed: seed + g + (rollouts so far) * groups, never repeated
+            self.reset(i, seed=self.seed + i // group_size + (self.episodes_started[i] + 1) * groups)
         steps, logprobs, ref_logprobs, values, rewards, episode_of_step = [], [], [], [], [], []
-        episodes, parse_failures, tokens, returns, lengths = [None] * num_envs, 0, 0, [0.0] * num_envs, [0] * num_envs
+        episodes, parse_failures, tokens = [None] * num_envs, 0, 0
         active = list(range(num_envs))
         while active:
-            step_list, step_logprobs, step_ref, step_values, answers = self.respond(agent, processor, active,
-                                                                                    temperature, max_new_tokens)
+            step_list, step_logprobs, step_ref, step_values, texts = self.respond(agent, processor, active)
             steps += step_list
             logprobs += step_logprobs
             ref_logprobs += step_ref
             values += step_values.tolist()
             tokens += sum(map(len, step_logprobs))
-            for i, answer in zip(active, answers):
-                reward, terminated, truncated, info = self.act(i, answer, lengths[i], trajectories)
+            for i, text in zip(active, texts):
+                reward, _, _, info, episodes[i] = self.episodes[i].step(self.envs[i], text, trajectories)
                 rewards.append(reward)
                 episode_of_step.append(i)
                 parse_failures += int(info["parse_failed"])
-                returns[i] += reward
-                lengths[i] += 1
-                if terminated or truncated:
-                    episodes[i] = dict(episodic_return=returns[i], episodic_length=lengths[i],
-                                       success=float(info["success"]))
             active = [i for i in active if episodes[i] is None]
         size = len(steps)
         return Rollout(steps=steps, logprobs=logprobs, ref_logprobs=ref_logprobs, values=torch.tensor(values),

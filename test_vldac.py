@@ -7,6 +7,7 @@ import os
 import pickle
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import types
@@ -21,22 +22,102 @@ import torch
 from gymnasium.utils.env_checker import check_env
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from PIL import Image
 from peft import PeftModel
+from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import baselines
 import checkpoint
-import distributed
+import config
 import envs
 import evaluate
+import flags
 import rollout
 import tiny_vlm
 import vldac
 import vlm
 
-# ---- envs.py ----
+# ---- shared by every section: an UNTRAINED tiny Qwen2-VL built in seconds (the maths needs no model that can
+# see), the pre-trained one, the helpers that build agents and run the scripts ----
+HERE = Path(__file__).resolve().parent
+ENV_ID = "gym_cards/NumberLine-v0"
 
+
+# One thread: on a machine whose cores are shared, two OpenMP threads on these tiny matrices stall
+# (measured: 30 s instead of 0.4 s for one batched generate under load). Subprocesses get the same.
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """Model + processor of the tiny VLM without pre-training, saved like a real checkpoint."""
+    out = tmp_path_factory.mktemp("tiny_untrained")
+    return tiny_vlm.build(out, tiny_vlm.TinyConfig(pretrain_steps=0), progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_pretrained():
+    """The real tiny model, what `--model-id tiny` loads for NumberLine: the shipped models/tiny-numberline."""
+    return vlm.load_policy("tiny", "cpu")
+
+
+def make_args(model_dir, **overrides):
+    fields = dict(env_id=ENV_ID, model_id=str(model_dir), num_envs=2, num_steps=2, total_timesteps=4,
+                  minibatch_size=4, micro_batch_size=2, max_new_tokens=6, lora_r=0)
+    return config.resolve_args(vldac.Args(**{**fields, **overrides}))
+
+
+def make_agent(args, seed=0):
+    torch.manual_seed(seed)
+    policy, processor = vlm.load_policy(args.model_id, "cpu", args.lora_r, args.lora_alpha, args.lora_dropout,
+                                        bf16=args.bf16)
+    return vldac.Agent(policy, rollout.Sampling(args.temperature, args.max_new_tokens), args.value_stop_grad), processor
+
+
+def collect(agent, processor, args, seed=0):
+    runner = rollout.EnvRunner([envs.make_env(args.env_id) for _ in range(args.num_envs)], seed)
+    return runner, runner.collect(agent, processor, args.num_steps)
+
+
+def gae_of(batch, args):
+    return vldac.compute_gae(batch.rewards, batch.values, batch.terminated, batch.truncated, batch.bootstrap_values,
+                             batch.last_values, args.gamma, args.gae_lambda)
+
+
+def policy_params(agent):
+    return {n: p.detach().clone() for n, p in agent.policy.named_parameters()}
+
+
+BJ = "gym_cards/Blackjack-v0"  # episodes of 1-4 steps: whole episodes are cheap
+
+
+# 2 envs x 5 steps x 2 iterations: NumberLine truncates at 10 steps, so every env ends an episode
+SMOKE = ["--env-id", ENV_ID, "--num-envs", "2", "--num-steps", "5", "--total-timesteps", "20", "--minibatch-size", "5",
+         "--micro-batch-size", "5", "--max-new-tokens", "6", "--value-warmup-iters", "1", "--save-model",
+         "--eval-episodes", "2"]
+
+
+TAGS = ["charts/episodic_return", "charts/success_rate", "charts/episodic_length", "charts/SPS",
+        "charts/learning_rate", "charts/parse_failure_rate", "charts/response_tokens", "losses/policy_loss",
+        "losses/value_loss", "losses/kl_ref", "losses/approx_kl", "losses/old_approx_kl", "losses/clipfrac",
+        "losses/explained_variance", "charts/skipped_updates"]
+
+
+def run_script(cwd, *flags, offline=True):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.update(HF_HUB_OFFLINE="1") if offline else env.pop("HF_HUB_OFFLINE", None)
+    return subprocess.run([sys.executable, str(HERE / "vldac.py"), *flags], cwd=cwd, capture_output=True, text=True,
+                          timeout=300, env=env)
+
+
+def scalars(run_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir)).Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+# ---- envs.py: the environments, their rewards, parsing and frames ----
 
 def raw_env(env_id):
     """The registered env itself (no TextEnv), made the way check_env wants it."""
@@ -110,8 +191,6 @@ def test_action_lists():
 
 
 # -- NumberLine: every reward case, the reset rule, the truncation at 10 steps
-
-
 def number_line(position, goal):
     env = envs.NumberLineEnv()
     env.reset(seed=0)
@@ -195,8 +274,6 @@ def test_number_line_random_policy_success_rate():
 
 
 # -- EZPoints and Points24
-
-
 def points(env_cls, numbers, formula=()):
     env = env_cls()
     env.reset(seed=0)
@@ -311,8 +388,6 @@ def test_calc_matches_python_arithmetic(symbols):
 
 
 # -- Blackjack
-
-
 def blackjack(dealer, player):
     """Hands as rank codes, e.g. ("K", "7")."""
     env = envs.BlackjackEnv()
@@ -407,10 +482,10 @@ def test_blackjack_state_text_and_many_cards_render():
 
 
 # -- Parsing
-
-
 NL = ["-", "+"]
+
 MW = envs.MINIWORLD_ACTIONS
+
 P24 = [str(n) for n in range(1, 11)] + ["+", "-", "*", "/", "(", ")", "="]
 
 
@@ -511,6 +586,8 @@ UNTRUSTED_TEXT = st.one_of(
     st.builds(lambda a, b: a + '{"action": ' + b, st.text(max_size=20), st.text(max_size=20)),
     st.builds(lambda a, h: a + h, st.text(max_size=20), st.sampled_from(HOSTILE)),
 )
+
+
 # every env's own action list: the four gym-cards games and MiniWorld
 ALL_ACTIONS = [envs.make_env(env_id).actions for env_id in envs.CARD_IDS] + [MW]
 
@@ -581,8 +658,6 @@ def test_miniworld_shaping_pays_the_potential_difference_and_keeps_the_reward():
 
 
 # -- Frames, prompts, seeding
-
-
 def test_prompt_and_text_observation():
     env = envs.make_env("gym_cards/EZPoints-v0")
     env.reset(seed=1)
@@ -640,8 +715,6 @@ def test_same_seed_same_episode(env_id):
 
 
 # -- MiniWorld
-
-
 def test_miniworld_frame_renders():
     env = envs.make_env("MiniWorld-OneRoom-v0")
     frames, _ = env.reset(seed=0)
@@ -733,57 +806,176 @@ def test_miniworld_state_text_walls_occlude():
     env.close()
 
 
-# ---- vldac.py, rollout.py (the VL-DAC core) ----
-# They use an UNTRAINED tiny Qwen2-VL built in seconds: the maths does not need a model that can see.
-HERE = Path(__file__).resolve().parent
-ENV_ID = "gym_cards/NumberLine-v0"
-# One thread: on a machine whose cores are shared, two OpenMP threads on these tiny matrices stall
-# (measured: 30 s instead of 0.4 s for one batched generate under load). Subprocesses get the same.
-torch.set_num_threads(1)
+# ---- rollout.py: prompts, generate, scoring, the env runner ----
+
+def test_response_mask_through_first_eos():
+    eos = torch.tensor([2, 7])
+    ids = torch.tensor([[5, 2, 0, 0], [5, 6, 8, 9], [7, 2, 2, 0]])
+    assert rollout.response_mask(ids, eos).tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
 
 
-@pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory):
-    """Model + processor of the tiny VLM without pre-training, saved like a real checkpoint."""
-    out = tmp_path_factory.mktemp("tiny_untrained")
-    return tiny_vlm.build(out, tiny_vlm.TinyConfig(pretrain_steps=0), progress=False)
+@pytest.mark.parametrize("bf16,static_cache", [(False, False), (False, True), (True, True)])
+def test_scoring_matches_generate(tiny_dir, bf16, static_cache):
+    """The rollout's log-probs are those generate() sampled from: same positions, temperature, suppression; also
+    with the static KV cache, and in bf16 autocast (the GPU's path, here on the CPU: equal up to bf16 rounding)."""
+    args = make_args(tiny_dir, temperature=0.7, bf16=bf16)
+    agent, processor = make_agent(args)
+    agent.eval()
+    env_list = [envs.make_env(ENV_ID) for _ in range(3)]
+    frames = [env.reset(seed=i)[0] for i, env in enumerate(env_list)]
+    inputs = rollout.prompt_inputs(processor, frames, [env.prompt() for env in env_list], "cpu")
+    cache = dict(cache_implementation="static") if static_cache else {}
+    with torch.no_grad():
+        with rollout.compute_context(agent.policy):
+            out = agent.policy.generate(**inputs, do_sample=True, temperature=0.7, top_k=0, top_p=1.0, max_new_tokens=8,
+                                        suppress_tokens=agent.suppress_token_ids, eos_token_id=agent.eos_token_ids,
+                                        pad_token_id=processor.tokenizer.pad_token_id, output_scores=True,
+                                        return_dict_in_generate=True, **cache)
+        response_ids = out.sequences[:, inputs["input_ids"].shape[1]:]  # (B, R)
+        mask = rollout.response_mask(response_ids, torch.tensor(agent.eos_token_ids))
+        logprobs, _ = agent.get_logprobs_and_value(inputs, response_ids, mask)
+    scores = torch.stack(out.scores, 1).float().log_softmax(-1)  # (B, R, V): processed (temperature, suppression)
+    expected = scores.gather(-1, response_ids.unsqueeze(-1)).squeeze(-1)
+    tolerance = 0.02 if bf16 else 1e-4  # bf16: the cached decoding step and the full forward round differently
+    torch.testing.assert_close(logprobs[mask], expected[mask], atol=tolerance, rtol=tolerance)
 
 
-@pytest.fixture(scope="session")
-def tiny_pretrained():
-    """The real tiny model, what `--model-id tiny` loads for NumberLine: the shipped models/tiny-numberline."""
-    return vlm.load_policy("tiny", "cpu")
+def test_static_cache_decodes_as_the_dynamic_cache(tiny_pretrained):
+    """--static-cache changes how the KV cache is held, not what is decoded: the same greedy answers, prompts of
+    different lengths left-padded."""
+    model, processor = tiny_pretrained
+    env_list = [envs.make_env(ENV_ID) for _ in range(3)]
+    frames = [env.reset(seed=i)[0] for i, env in enumerate(env_list)]
+    prompts = [env.prompt() for env in env_list]
+    prompts[1] += " Think step by step."  # a longer prompt: the others are left-padded
+    inputs = rollout.prompt_inputs(processor, frames, prompts, "cpu")
+    assert len(set(inputs["attention_mask"].sum(1).tolist())) == 2
+    pad = processor.tokenizer.pad_token_id
+    dynamic, static = (rollout.generate(model, inputs, pad, rollout.Sampling(0, 24, static_cache=s))
+                       for s in (False, True))
+    assert torch.equal(dynamic, static)
 
 
-def make_args(model_dir, **overrides):
-    fields = dict(env_id=ENV_ID, model_id=str(model_dir), num_envs=2, num_steps=2, total_timesteps=4,
-                  minibatch_size=4, micro_batch_size=2, max_new_tokens=6, lora_r=0)
-    return vldac.resolve_args(vldac.Args(**{**fields, **overrides}))
+@pytest.mark.parametrize("bf16", [False, True])
+def test_merged_lora_decodes_as_the_adapter_and_restores_the_weights(tiny_pretrained, bf16):
+    """--merge-lora-rollout: inside rollout.lora_merged the model computes what the unmerged adapter computes (not
+    what the base model does), greedy answers are the same (fp32), and afterwards every weight is as it was, bit
+    for bit, in bf16 too, where peft's own merge / unmerge round trip rounds the base weights (why we copy)."""
+    torch.manual_seed(0)
+    policy, processor = vlm.load_policy("tiny", "cpu", lora_r=4, lora_alpha=8, lora_dropout=0.0, bf16=bf16)
+    for name, param in policy.named_parameters():
+        if "lora_B" in name:  # B starts at 0: give the adapter an effect
+            param.data.normal_(0, 0.2)
+    env_list = [envs.make_env(ENV_ID) for _ in range(3)]
+    frames = [env.reset(seed=i)[0] for i, env in enumerate(env_list)]
+    inputs = rollout.prompt_inputs(processor, frames, [env.prompt() for env in env_list], "cpu")
+    before = {name: tensor.clone() for name, tensor in policy.state_dict().items()}
+
+    def logits():
+        with torch.no_grad(), rollout.compute_context(policy):
+            return policy(**inputs).logits[:, -1].float()  # (B, V)
+
+    adapted = logits()
+    with policy.disable_adapter():
+        base = logits()
+    with rollout.lora_merged(policy):
+        merged = logits()
+    tolerance = 0.25 if bf16 else 1e-4  # bf16: W + BA is rounded to bf16 once (logits about 4 here)
+    assert (adapted - base).abs().max() > 5 * tolerance  # the adapter matters ...
+    torch.testing.assert_close(merged, adapted, atol=tolerance, rtol=0)  # ... and merged computes it
+    pad = processor.tokenizer.pad_token_id
+    unmerged, merged = (rollout.generate(policy, inputs, pad, rollout.Sampling(0, 24, merge_lora=m))
+                        for m in (False, True))
+    if not bf16:
+        assert torch.equal(unmerged, merged)
+    after = policy.state_dict()
+    assert all(torch.equal(after[name], tensor) for name, tensor in before.items())
+    if bf16:
+        policy.merge_adapter()
+        policy.unmerge_adapter()
+        assert any(not torch.equal(after[name], tensor) for name, tensor in before.items())
 
 
-def make_agent(args, seed=0):
-    torch.manual_seed(seed)
-    policy, processor = vlm.load_policy(args.model_id, "cpu", args.lora_r, args.lora_alpha, args.lora_dropout,
-                                        bf16=args.bf16)
-    return vldac.Agent(policy, args.temperature, args.value_stop_grad), processor
+def test_sdpa_attention_matches_eager_with_left_padding(tiny_dir):
+    """The attention kernel a GPU run uses (SDPA, transformers' default) against the reference implementation,
+    on a batch with left-padded prompts and right-padded responses: the same log-probs and values."""
+    args = make_args(tiny_dir)
+    agent, processor = make_agent(args)
+    _, batch = collect(agent, processor, args)
+    inputs, response_ids, mask = rollout.collate(batch.steps[::3] + [batch.steps[1]], processor.tokenizer.pad_token_id,
+                                                 "cpu")
+    inputs["input_ids"] = torch.cat([torch.full_like(inputs["input_ids"][:, :5], processor.tokenizer.pad_token_id),
+                                     inputs["input_ids"]], 1)  # 5 more columns of left padding on every row ...
+    for key in ("attention_mask", "mm_token_type_ids"):
+        inputs[key] = torch.cat([torch.zeros_like(inputs[key][:, :5]), inputs[key]], 1)
+    inputs["input_ids"][0, 5:8] = processor.tokenizer.pad_token_id  # ... and 3 more on the first
+    inputs["attention_mask"][0, 5:8] = 0
+    results = {}
+    for implementation in ("sdpa", "eager"):
+        agent.policy.set_attn_implementation(implementation)
+        with torch.no_grad():
+            results[implementation] = agent.get_logprobs_and_value(inputs, response_ids, mask)
+    assert rollout.base_model(agent.policy).config.get_text_config()._attn_implementation == "eager"
+    for sdpa, eager in zip(results["sdpa"], results["eager"]):
+        torch.testing.assert_close(sdpa, eager, atol=1e-5, rtol=1e-5)
 
 
-def collect(agent, processor, args, seed=0):
-    runner = rollout.EnvRunner([envs.make_env(args.env_id) for _ in range(args.num_envs)], seed)
-    return runner, runner.collect(agent, processor, args.num_steps, args.temperature, args.max_new_tokens)
+class RecordingEnv(envs.TextEnv):
+    """A TextEnv that remembers the seeds it was reset with and the state each step left it in."""
+
+    def reset(self, *, seed=None, options=None):
+        self.seeds = getattr(self, "seeds", []) + [seed]
+        return super().reset(seed=seed, options=options)
+
+    def step(self, answer):
+        out = super().step(answer)
+        self.last_state = (out[0], self.prompt())  # (frames, prompt) the agent would see next
+        return out
 
 
-def gae_of(batch, args):
-    return vldac.compute_gae(batch.rewards, batch.values, batch.terminated, batch.truncated, batch.bootstrap_values,
-                             batch.last_values, args.gamma, args.gae_lambda)
+def short_number_line(max_episode_steps=2):
+    """NumberLine with a 2-step time limit: most episodes are truncated, some terminate."""
+    return RecordingEnv(gym.wrappers.TimeLimit(envs.NumberLineEnv(), max_episode_steps), envs.NumberLineEnv.ACTIONS)
 
 
-def policy_params(agent):
-    return {n: p.detach().clone() for n, p in agent.policy.named_parameters()}
+def test_rollout_bootstraps_truncation_with_the_truncated_states_value(tiny_dir):
+    """A rollout long enough to truncate: where an episode is truncated (not terminated), bootstrap_value is
+    V(truncated state), the state before the reset, computed here on its own; elsewhere it is 0."""
+    args = make_args(tiny_dir, num_steps=5, total_timesteps=10, minibatch_size=5, micro_batch_size=5)
+    agent, processor = make_agent(args)
+    env_list = [short_number_line() for _ in range(2)]
+    runner = rollout.EnvRunner(env_list, seed=0)
+    ended_states, reset = [], runner.reset
+    runner.reset = lambda i: (ended_states.append(env_list[i].last_state), reset(i))  # in (t, env) order
+    batch = runner.collect(agent, processor, args.num_steps)
+    done = batch.terminated | batch.truncated
+    assert len(ended_states) == int(done.sum())
+    bootstrapped = 0
+    for (t, i), (frames, prompt) in zip(done.nonzero().tolist(), ended_states):
+        if batch.terminated[t, i]:
+            assert batch.bootstrap_values[t, i] == 0
+            continue
+        with torch.no_grad():
+            expected = agent.get_value(rollout.prompt_inputs(processor, [frames], [prompt], "cpu"))[0]
+        assert abs(expected) > 1e-4 and abs(batch.bootstrap_values[t, i] - expected) < 1e-5, (t, i, expected)
+        bootstrapped += 1
+    assert bootstrapped >= 2 and (batch.bootstrap_values[~(batch.truncated & ~batch.terminated)] == 0).all()
 
 
-# ---- pure functions
+def test_env_runner_reset_seeds_never_repeat():
+    """Env i starts from seed + i; its k-th reset uses seed + i + k * num_envs: no seed twice, in any env."""
+    env_list = [short_number_line() for _ in range(3)]
+    runner = rollout.EnvRunner(env_list, seed=100)
+    order = np.random.default_rng(0).integers(3, size=60)
+    for i in order:
+        runner.reset(int(i))
+    for i, env in enumerate(env_list):
+        assert env.seeds == [100 + i + k * 3 for k in range(1 + (order == i).sum())], env.seeds
+    seeds = [seed for env in env_list for seed in env.seeds]
+    assert len(seeds) == 63 and len(set(seeds)) == 63
 
+
+# ---- vldac.py: the losses and GAE, against plain computations ----
 
 def gae_plain_loop(rewards, values, terminated, truncated, bootstrap, last_values, gamma, lam):
     """One env at a time, one step at a time, episode boundaries spelled out."""
@@ -849,43 +1041,6 @@ def test_policy_loss_hand_computed():
     assert vldac.kl_penalty(new, ref, mask).item() == pytest.approx((math.e - 2) / 3 / 2, abs=1e-6)
 
 
-@pytest.mark.parametrize("thought_coef", [0.35, 1.0])
-def test_rl4vlm_logprob_hand_computed(tiny_dir, thought_coef):
-    """RL4VLM's step log-prob on a crafted response whose thought/action boundary is known by construction."""
-    tokenizer = AutoProcessor.from_pretrained(tiny_dir).tokenizer
-    thought = tokenizer('{"thoughts": "move right",')["input_ids"]
-    action = tokenizer(' "action": "+"}<|im_end|>')["input_ids"]
-    response_ids = torch.tensor(thought + action)  # (R,)
-    action_mask = baselines.action_token_mask(tokenizer, response_ids)
-    assert action_mask.tolist() == [False] * len(thought) + [True] * len(action)
-    logprobs = -torch.rand(2, len(response_ids)) * 3  # (B, R), row 1 padded after 5 tokens
-    token_mask = torch.ones(2, len(response_ids), dtype=torch.bool)
-    token_mask[1, 5:] = False
-    got = baselines.rl4vlm_logprob(logprobs, token_mask, action_mask.expand(2, -1), thought_coef)
-    lp = logprobs.tolist()
-    expected = [thought_coef * sum(lp[0][: len(thought)]) + sum(lp[0][len(thought):]), thought_coef * sum(lp[1][:5])]
-    torch.testing.assert_close(got, torch.tensor(expected))
-    if thought_coef == 1.0:
-        torch.testing.assert_close(got, (logprobs * token_mask).sum(1))
-    # one PPO ratio per step, on that scalar: 0.1 nats up per token over 3 tokens at lambda = 1 -> ratio e^0.3
-    loss = vldac.rl4vlm_ppo_loss(torch.full((1, 3), -1.0), torch.full((1, 3), -1.1), torch.tensor([-1.0]),
-                                    torch.ones(1, 3, dtype=torch.bool), torch.ones(1, 3, dtype=torch.bool), 1.0, 0.1)
-    assert abs(loss.item() - math.exp(0.3)) < 1e-5  # A < 0: the unclipped (larger) loss wins
-
-
-def test_action_split_without_field_is_all_thought(tiny_dir):
-    tokenizer = AutoProcessor.from_pretrained(tiny_dir).tokenizer
-    for text, first_action_char in [("I will go +", None), ('{"action" :"-"}', 1), ('xx "action":+', 3)]:
-        ids = torch.tensor(tokenizer(text)["input_ids"])
-        mask = baselines.action_token_mask(tokenizer, ids)
-        if first_action_char is None:
-            assert not mask.any()
-        else:  # the first action token is the one whose decoded prefix first covers the quote
-            k = int(mask.long().argmax())
-            assert mask[k:].all() and len(tokenizer.decode(ids[:k])) <= first_action_char < len(
-                tokenizer.decode(ids[: k + 1])), (text, mask)
-
-
 def test_masked_losses_ignore_absurd_values_at_padding():
     """A padded position holding -100 (a stored 0 against it: exp(100) overflows float32) changes nothing:
     the same losses and the same gradients as with 0 there, all finite. Masking by multiplication gives NaN."""
@@ -898,7 +1053,7 @@ def test_masked_losses_ignore_absurd_values_at_padding():
         logprobs = torch.where(mask, stored + 0.05 * torch.randn(2, 3, generator=torch.Generator().manual_seed(1)),
                                torch.tensor(pad_value)).requires_grad_()
         losses = [vldac.token_ppo_loss(logprobs, stored, adv, mask, 0.2), vldac.kl_penalty(logprobs, stored, mask),
-                  vldac.rl4vlm_ppo_loss(logprobs, stored, adv, mask, action_mask, 0.5, 0.2)]
+                  baselines.rl4vlm_ppo_loss(logprobs, stored, adv, mask, action_mask, 0.5, 0.2)]
         grads = torch.autograd.grad(sum(losses), logprobs)[0]
         assert all(torch.isfinite(x).all() for x in (*losses, grads)), (pad_value, losses, grads)
         results.append((torch.stack(losses), grads))
@@ -909,6 +1064,27 @@ def test_masked_losses_ignore_absurd_values_at_padding():
     step_mask = torch.tensor([[True, True, False], [True, False, True]])
     assert vldac.masked_step_mean(x, step_mask).tolist() == [2.0, 3.0]
 
+
+def test_value_loss_clipped_by_hand():
+    values, old, returns = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 0.0]), torch.tensor([2.0, -1.0])
+    # unclipped 0.5 * mean(1, 1) = 0.5; clipped (eps 0.1): max(1, (0.1 - 2)^2 = 3.61), max(1, 1)
+    assert vldac.value_loss(values, old, returns).item() == pytest.approx(0.5)
+    assert vldac.value_loss(values, old, returns, 0.1).item() == pytest.approx(0.5 * (3.61 + 1) / 2)
+
+
+def test_cosine_learning_rate_schedule():
+    """Table 6's cosine from 1e-3 to 1e-5 over 5 iterations, values by hand: lr_end + (lr - lr_end) c,
+    c = (1 + cos(pi (k - 1) / 4)) / 2 = 1, 0.853553, 0.5, 0.146447, 0."""
+    args = vldac.Args(learning_rate=1e-3, end_learning_rate=1e-5)
+    args.num_iterations = 5
+    expected = [1e-3, 1e-5 + 9.9e-4 * 0.8535534, 5.05e-4, 1e-5 + 9.9e-4 * 0.1464466, 1e-5]
+    got = [vldac.cosine_learning_rate(k, args) for k in range(1, 6)]
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    args.num_iterations = 1
+    assert vldac.cosine_learning_rate(1, args) == 1e-3  # a single iteration runs at the start value
+
+
+# ---- vldac.py: the agent and the update ----
 
 def test_agent_extends_mm_token_type_ids_only_when_given(tiny_dir):
     """collate() treats mm_token_type_ids as optional (Qwen2-VL's processor returns it, other families do not);
@@ -933,168 +1109,6 @@ def test_agent_extends_mm_token_type_ids_only_when_given(tiny_dir):
     inputs.pop("mm_token_type_ids")
     agent._hidden(recorder, inputs, response_ids, token_mask)
     assert "mm_token_type_ids" not in recorder.kwargs and recorder.kwargs["input_ids"].tolist() == [[5, 6, 7, 8, 9]]
-
-
-def test_module_graph_has_no_cycle_and_evaluate_matches_training_defaults():
-    """evaluate.py and tiny_vlm.py load and generate without importing the training loop; evaluate's default
-    answer lengths are the defaults tables' (they cannot import each other, so this pins them together)."""
-    project = {p.stem for p in HERE.glob("*.py")}
-
-    def imports(module):  # the project modules `module` imports, at any depth of its code
-        tree = ast.parse((HERE / f"{module}.py").read_text())
-        names = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
-        names |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
-        return {name.split(".")[0] for name in names} & project
-
-    for module in ("evaluate", "tiny_vlm", "rollout", "vlm", "checkpoint", "distributed", "envs"):
-        seen, todo = set(), [module]
-        while todo:  # everything it imports, transitively
-            for name in imports(todo.pop()) - seen:
-                seen.add(name)
-                todo.append(name)
-        assert "vldac" not in seen and module not in seen, (module, sorted(seen))
-    assert evaluate.DEFAULT_MAX_NEW_TOKENS == dict(tiny=vldac.TINY_DEFAULTS["max_new_tokens"],
-                                                   paper=vldac.PAPER_DEFAULTS["max_new_tokens"])
-
-
-def test_value_loss_clipped_by_hand():
-    values, old, returns = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 0.0]), torch.tensor([2.0, -1.0])
-    # unclipped 0.5 * mean(1, 1) = 0.5; clipped (eps 0.1): max(1, (0.1 - 2)^2 = 3.61), max(1, 1)
-    assert vldac.value_loss(values, old, returns).item() == pytest.approx(0.5)
-    assert vldac.value_loss(values, old, returns, 0.1).item() == pytest.approx(0.5 * (3.61 + 1) / 2)
-
-
-def test_response_mask_through_first_eos():
-    eos = torch.tensor([2, 7])
-    ids = torch.tensor([[5, 2, 0, 0], [5, 6, 8, 9], [7, 2, 2, 0]])
-    assert rollout.response_mask(ids, eos).tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
-
-
-def test_bad_inputs_one_line_exit_2(tiny_dir, capsys):
-    bad = [dict(env_id="gym_cards/Nope-v0"), dict(minibatch_size=8), dict(minibatch_size=3),
-           dict(micro_batch_size=3), dict(total_timesteps=2), dict(temperature=0.0), dict(num_envs=0),
-           dict(num_steps=0), dict(thought_coef=-1.0), dict(threads=-1), dict(merge_lora_rollout=True),
-           dict(reward_shaping=0.3), dict(env_id="MiniWorld-OneRoom-v0", reward_shaping=-0.1)]
-    for overrides in bad:
-        with pytest.raises(SystemExit) as exit_info:
-            make_args(tiny_dir, **overrides)
-        err = capsys.readouterr().err
-        assert exit_info.value.code == 2 and err.count("\n") == 1, (overrides, err)
-    with pytest.raises(SystemExit):
-        make_args(tiny_dir, env_id="gym_cards/Nope-v0")
-    err = capsys.readouterr().err
-    assert all(env_id in err for env_id in envs.ENV_IDS), err
-    with pytest.raises(SystemExit) as exit_info:
-        vlm.load_policy(str(tiny_dir / "no-such-model"))
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and err.count("\n") == 1 and "`tiny`" in err, err
-
-
-# ---- the model: scoring, reference, gradients, updates
-
-
-@pytest.mark.parametrize("bf16,static_cache", [(False, False), (False, True), (True, True)])
-def test_scoring_matches_generate(tiny_dir, bf16, static_cache):
-    """The rollout's log-probs are those generate() sampled from: same positions, temperature, suppression; also
-    with the static KV cache, and in bf16 autocast (the GPU's path, here on the CPU: equal up to bf16 rounding)."""
-    args = make_args(tiny_dir, temperature=0.7, bf16=bf16)
-    agent, processor = make_agent(args)
-    agent.eval()
-    env_list = [envs.make_env(ENV_ID) for _ in range(3)]
-    frames = [env.reset(seed=i)[0] for i, env in enumerate(env_list)]
-    inputs = rollout.prompt_inputs(processor, frames, [env.prompt() for env in env_list], "cpu")
-    cache = dict(cache_implementation="static") if static_cache else {}
-    with torch.no_grad():
-        with rollout.compute_context(agent.policy):
-            out = agent.policy.generate(**inputs, do_sample=True, temperature=0.7, top_k=0, top_p=1.0, max_new_tokens=8,
-                                        suppress_tokens=agent.suppress_token_ids, eos_token_id=agent.eos_token_ids,
-                                        pad_token_id=processor.tokenizer.pad_token_id, output_scores=True,
-                                        return_dict_in_generate=True, **cache)
-        response_ids = out.sequences[:, inputs["input_ids"].shape[1]:]  # (B, R)
-        mask = rollout.response_mask(response_ids, torch.tensor(agent.eos_token_ids))
-        logprobs, _ = agent.get_logprobs_and_value(inputs, response_ids, mask)
-    scores = torch.stack(out.scores, 1).float().log_softmax(-1)  # (B, R, V): processed (temperature, suppression)
-    expected = scores.gather(-1, response_ids.unsqueeze(-1)).squeeze(-1)
-    tolerance = 0.02 if bf16 else 1e-4  # bf16: the cached decoding step and the full forward round differently
-    torch.testing.assert_close(logprobs[mask], expected[mask], atol=tolerance, rtol=tolerance)
-
-
-def test_static_cache_decodes_as_the_dynamic_cache(tiny_pretrained):
-    """--static-cache changes how the KV cache is held, not what is decoded: the same greedy answers, prompts of
-    different lengths left-padded."""
-    model, processor = tiny_pretrained
-    env_list = [envs.make_env(ENV_ID) for _ in range(3)]
-    frames = [env.reset(seed=i)[0] for i, env in enumerate(env_list)]
-    prompts = [env.prompt() for env in env_list]
-    prompts[1] += " Think step by step."  # a longer prompt: the others are left-padded
-    inputs = rollout.prompt_inputs(processor, frames, prompts, "cpu")
-    assert len(set(inputs["attention_mask"].sum(1).tolist())) == 2
-    pad = processor.tokenizer.pad_token_id
-    dynamic, static = (rollout.generate(model, inputs, pad, 24, temperature=0, static_cache=s) for s in (False, True))
-    assert torch.equal(dynamic, static)
-
-
-@pytest.mark.parametrize("bf16", [False, True])
-def test_merged_lora_decodes_as_the_adapter_and_restores_the_weights(tiny_pretrained, bf16):
-    """--merge-lora-rollout: inside rollout.lora_merged the model computes what the unmerged adapter computes (not
-    what the base model does), greedy answers are the same (fp32), and afterwards every weight is as it was, bit
-    for bit, in bf16 too, where peft's own merge / unmerge round trip rounds the base weights (why we copy)."""
-    torch.manual_seed(0)
-    policy, processor = vlm.load_policy("tiny", "cpu", lora_r=4, lora_alpha=8, lora_dropout=0.0, bf16=bf16)
-    for name, param in policy.named_parameters():
-        if "lora_B" in name:  # B starts at 0: give the adapter an effect
-            param.data.normal_(0, 0.2)
-    env_list = [envs.make_env(ENV_ID) for _ in range(3)]
-    frames = [env.reset(seed=i)[0] for i, env in enumerate(env_list)]
-    inputs = rollout.prompt_inputs(processor, frames, [env.prompt() for env in env_list], "cpu")
-    before = {name: tensor.clone() for name, tensor in policy.state_dict().items()}
-
-    def logits():
-        with torch.no_grad(), rollout.compute_context(policy):
-            return policy(**inputs).logits[:, -1].float()  # (B, V)
-
-    adapted = logits()
-    with policy.disable_adapter():
-        base = logits()
-    with rollout.lora_merged(policy):
-        merged = logits()
-    tolerance = 0.25 if bf16 else 1e-4  # bf16: W + BA is rounded to bf16 once (logits about 4 here)
-    assert (adapted - base).abs().max() > 5 * tolerance  # the adapter matters ...
-    torch.testing.assert_close(merged, adapted, atol=tolerance, rtol=0)  # ... and merged computes it
-    pad = processor.tokenizer.pad_token_id
-    unmerged, merged = (rollout.generate(policy, inputs, pad, 24, temperature=0, merge_lora=m) for m in (False, True))
-    if not bf16:
-        assert torch.equal(unmerged, merged)
-    after = policy.state_dict()
-    assert all(torch.equal(after[name], tensor) for name, tensor in before.items())
-    if bf16:
-        policy.merge_adapter()
-        policy.unmerge_adapter()
-        assert any(not torch.equal(after[name], tensor) for name, tensor in before.items())
-
-
-def test_sdpa_attention_matches_eager_with_left_padding(tiny_dir):
-    """The attention kernel a GPU run uses (SDPA, transformers' default) against the reference implementation,
-    on a batch with left-padded prompts and right-padded responses: the same log-probs and values."""
-    args = make_args(tiny_dir)
-    agent, processor = make_agent(args)
-    _, batch = collect(agent, processor, args)
-    inputs, response_ids, mask = rollout.collate(batch.steps[::3] + [batch.steps[1]], processor.tokenizer.pad_token_id,
-                                                 "cpu")
-    inputs["input_ids"] = torch.cat([torch.full_like(inputs["input_ids"][:, :5], processor.tokenizer.pad_token_id),
-                                     inputs["input_ids"]], 1)  # 5 more columns of left padding on every row ...
-    for key in ("attention_mask", "mm_token_type_ids"):
-        inputs[key] = torch.cat([torch.zeros_like(inputs[key][:, :5]), inputs[key]], 1)
-    inputs["input_ids"][0, 5:8] = processor.tokenizer.pad_token_id  # ... and 3 more on the first
-    inputs["attention_mask"][0, 5:8] = 0
-    results = {}
-    for implementation in ("sdpa", "eager"):
-        agent.policy.set_attn_implementation(implementation)
-        with torch.no_grad():
-            results[implementation] = agent.get_logprobs_and_value(inputs, response_ids, mask)
-    assert rollout.base_model(agent.policy).config.get_text_config()._attn_implementation == "eager"
-    for sdpa, eager in zip(results["sdpa"], results["eager"]):
-        torch.testing.assert_close(sdpa, eager, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("lora_r,bf16", [(0, False), (4, False), (0, True), (4, True)])
@@ -1153,109 +1167,6 @@ def test_no_stop_grad_lets_value_loss_reach_the_backbone(tiny_dir):
     assert any(p.grad is not None and p.grad.any() for n, p in agent.policy.named_parameters() if "language_model" in n)
 
 
-def test_rl4vlm_update_first_epoch_ratio_one_then_moves_policy(tiny_dir):
-    args = make_args(tiny_dir, policy_loss="rl4vlm", thought_coef=0.35, update_epochs=1)
-    agent, processor = make_agent(args)
-    _, batch = collect(agent, processor, args)
-    before = policy_params(agent)
-    adv, ret = gae_of(batch, args)
-    optimizer = torch.optim.Adam([p for p in agent.parameters() if p.requires_grad], lr=1e-3)
-    stats = vldac.update(agent, optimizer, batch, adv, torch.randn_like(ret), args, processor.tokenizer)
-    assert stats["clipfrac"] == 0 and abs(stats["approx_kl"]) < 1e-9, stats
-    after = policy_params(agent)
-    assert any(not torch.equal(before[n], after[n]) for n in before if "language_model" in n)
-
-
-def test_baseline_presets():
-    """--baseline rl4vlm is RL4VLM as published (one ratio per step, no KL, no warm-up, no stop-gradient); --baseline
-    loop has no critic and no KL; a LOOP group size that does not divide --num-envs is a one-line error."""
-    rl4vlm = make_args("tiny", baseline="rl4vlm")
-    assert (rl4vlm.policy_loss, rl4vlm.kl_beta, rl4vlm.value_warmup_iters, rl4vlm.value_stop_grad) == ("rl4vlm", 0, 0, False)
-    loop = make_args("tiny", baseline="loop", num_envs=4, loop_group_size=2)
-    assert (loop.policy_loss, loop.kl_beta, loop.vf_coef, loop.value_warmup_iters) == ("token", 0, 0, 0)
-    vldac_args = make_args("tiny")
-    assert (vldac_args.kl_beta, vldac_args.value_warmup_iters, vldac_args.value_stop_grad) == (
-        vldac.TINY_DEFAULTS["kl_beta"], 2, True)
-    with pytest.raises(SystemExit):
-        make_args("tiny", baseline="loop", num_envs=4, loop_group_size=3)
-    with pytest.raises(SystemExit):  # a preset's flag given another value
-        make_args("tiny", baseline="rl4vlm", kl_beta=0.05)
-
-
-def test_loop_advantages_hand_computed():
-    """LOOP: episode i's return minus the mean of the other K - 1 returns of its group, on each of its steps."""
-    returns = torch.tensor([1.0, 0.0, 0.0, -1.0, 2.0, 2.0, 2.0, 2.0])  # two groups of K = 4
-    got = baselines.loop_advantages(returns, torch.tensor([0, 0, 3, 5, 1]), 4)
-    # episode 0: 1 - (0 + 0 - 1) / 3 = 4/3; episode 3: -1 - (1 + 0 + 0) / 3 = -4/3; episodes 5 and 1: 0
-    assert torch.allclose(got, torch.tensor([4 / 3, 4 / 3, -4 / 3, 0.0, 0.0]))
-
-
-BJ = "gym_cards/Blackjack-v0"  # episodes of 1-4 steps: whole episodes are cheap
-
-
-def first_frames(batch, num_envs):
-    """Each episode's first stored step's pixels, (num_envs,) list."""
-    return [batch.steps[batch.episode_of_step.tolist().index(i)]["pixel_values"] for i in range(num_envs)]
-
-
-def test_loop_rollout_groups_episodes_by_task(tiny_dir):
-    """collect_episodes: one whole episode per env; the K envs of a group start from the same task (the same
-    first frame), and every step is attributed to its episode; a second rollout draws new tasks."""
-    args = make_args(tiny_dir, env_id=BJ, baseline="loop", num_envs=6, loop_group_size=3, total_timesteps=12)
-    agent, processor = make_agent(args)
-    runner = rollout.EnvRunner([envs.make_env(BJ) for _ in range(6)], seed=0)
-    tasks = []
-    for _ in range(2):
-        batch = runner.collect_episodes(agent, processor, 3, args.temperature, args.max_new_tokens)
-        assert len(batch.episodes) == 6 and all(e is not None for e in batch.episodes)
-        lengths = torch.bincount(batch.episode_of_step, minlength=6).tolist()
-        assert lengths == [e["episodic_length"] for e in batch.episodes]
-        assert len(batch.steps) == len(batch.logprobs) == len(batch.values) == sum(lengths)
-        frames = first_frames(batch, 6)
-        for group in (0, 3):
-            assert torch.equal(frames[group], frames[group + 1]) and torch.equal(frames[group], frames[group + 2])
-        tasks += [frames[0], frames[3]]
-    assert any(not torch.equal(tasks[0], t) for t in tasks[1:]), "every group of both rollouts got the same task"
-
-
-def test_loop_update_ratio_one_and_kl_zero_then_moves_policy(tiny_dir):
-    """LOOP's stored steps score as the update rescores them: with the learning rate at 0 every ratio is 1 and the
-    KL to the reference 0 over all its minibatches; with a learning rate, the policy moves."""
-    args = make_args(tiny_dir, env_id=BJ, baseline="loop", num_envs=4, loop_group_size=2, update_epochs=1)
-    agent, processor = make_agent(args)
-    runner = rollout.EnvRunner([envs.make_env(BJ) for _ in range(4)], seed=0)
-    batch, advantages, returns = baselines.loop_rollout(runner, agent, processor, args)
-    returns_by_episode = torch.tensor([e["episodic_return"] for e in batch.episodes])
-    assert torch.allclose(advantages.view(-1), baselines.loop_advantages(returns_by_episode, batch.episode_of_step, 2))
-    trainable = [p for p in agent.parameters() if p.requires_grad]
-    before = policy_params(agent)
-    stats = vldac.update(agent, torch.optim.SGD(trainable, lr=0.0), batch, advantages, returns, args,
-                         processor.tokenizer)
-    assert stats["clipfrac"] == 0 and abs(stats["approx_kl"]) < 1e-9 and abs(stats["kl_ref"]) < 1e-9, stats
-    assert stats["value_loss"] < 1e-9, "LOOP has no value targets: returns are the values themselves"
-    advantages = advantages + torch.arange(len(advantages)) % 2 - 0.5  # never all zero (all hands may tie)
-    vldac.update(agent, torch.optim.Adam(trainable, lr=1e-3), batch, advantages, returns, args, processor.tokenizer)
-    after = policy_params(agent)
-    assert any(not torch.equal(before[n], after[n]) for n in before if "language_model" in n)
-
-
-def test_loop_training_run_stops_at_its_env_step_budget(tiny_dir, tmp_path):
-    """vldac.py --baseline loop: rollouts of whole episodes until --total-timesteps env steps are taken, the
-    learning rate decaying over env steps, no explained variance (no critic), the usual charts."""
-    result = run_script(tmp_path, "--env-id", BJ, "--model-id", str(tiny_dir), "--baseline", "loop", "--num-envs", "4",
-                        "--loop-group-size", "2", "--total-timesteps", "12", "--max-new-tokens", "6",
-                        "--no-save-model", "--eval-episodes", "0")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "LOOP: rollouts of 4 whole episodes" in result.stdout, result.stdout
-    (run_dir,) = (tmp_path / "runs").iterdir()
-    logged = scalars(run_dir)
-    steps = [step for step, _ in logged["charts/episodic_return"]]
-    assert steps[-2] < 12 <= steps[-1] and all(4 <= b - a for a, b in zip([0] + steps, steps)), steps
-    rates = [value for _, value in logged["charts/learning_rate"]]
-    assert rates == sorted(rates, reverse=True) and rates[0] == pytest.approx(3e-4), rates
-    assert all(math.isnan(v) for _, v in logged["losses/explained_variance"])
-
-
 @pytest.mark.parametrize("value_stop_grad", [True, False])
 def test_warmup_freezes_policy_then_update_changes_it(tiny_dir, value_stop_grad):
     """Without the stop-gradient the value loss could reach the backbone: the warm-up must still not move it."""
@@ -1267,7 +1178,7 @@ def test_warmup_freezes_policy_then_update_changes_it(tiny_dir, value_stop_grad)
     for _ in range(2):  # two warm-up iterations, each 2 epochs x 2 minibatches
         adv, ret = gae_of(batch, args)
         vldac.update(agent, optimizer, batch, adv, ret, args, processor.tokenizer, value_warmup=True)
-        batch = runner.collect(agent, processor, args.num_steps, args.temperature, args.max_new_tokens)
+        batch = runner.collect(agent, processor, args.num_steps)
     after = policy_params(agent)
     assert all(torch.equal(before[n], after[n]) for n in before), "warm-up moved policy parameters"
     assert any(not torch.equal(a, p) for a, p in zip(head_before, agent.value_head.parameters()))
@@ -1294,9 +1205,6 @@ def test_update_moves_logprob_with_advantage_sign(tiny_dir, advantage):
         logprobs, _ = agent.eval().get_logprobs_and_value(inputs, response_ids, mask)
     change = (logprobs - batch.logprobs[0])[mask].mean().item()
     assert change * advantage > 0, change
-
-
-# ---- the wiring between the formulas: reference, KL, flags, bootstrap, seeds, schedule
 
 
 def nudge_policy(agent, scale=0.05, seed=0):
@@ -1359,6 +1267,281 @@ def test_kl_term_pulls_the_policy_back_to_the_reference(tiny_dir, kl_beta):
         assert kl_before > 1e-3 and kl_after < 0.9 * kl_before, (kl_before, kl_after)
 
 
+def test_stop_grad_flag_reaches_the_agent(tiny_dir):
+    """make_agent (what vldac.py's main calls) hands --no-value-stop-grad to the Agent."""
+    for flag in (True, False):
+        agent, _ = vldac.make_agent(make_args(tiny_dir, value_stop_grad=flag), "cpu")
+        assert agent.value_stop_grad is flag
+
+
+def test_non_finite_loss_skips_the_step_and_is_counted(tiny_dir, monkeypatch):
+    args = make_args(tiny_dir, minibatch_size=2, micro_batch_size=1)
+    agent, processor = make_agent(args)
+    optimizer = torch.optim.Adam([p for p in agent.parameters() if p.requires_grad], lr=1e-3)
+    _, batch = collect(agent, processor, args)
+    adv, ret = gae_of(batch, args)
+    before = {n: p.detach().clone() for n, p in agent.named_parameters()}
+    real_policy_loss = vldac.token_ppo_loss
+    calls = []
+
+    def nan_in_first_minibatch(*a, **k):  # a NaN in one micro-batch poisons its whole minibatch
+        calls.append(1)
+        return real_policy_loss(*a, **k) * (float("nan") if len(calls) == 1 else 1.0)
+
+    monkeypatch.setattr(vldac, "token_ppo_loss", nan_in_first_minibatch)
+    args.update_epochs = 1
+    stats = vldac.update(agent, optimizer, batch, adv, ret, args, processor.tokenizer)
+    assert stats["skipped_updates"] == 1, stats
+    assert all(torch.isfinite(p).all() for p in agent.parameters())
+    changed = [n for n, p in agent.named_parameters() if not torch.equal(before[n], p)]
+    assert changed, "the second, finite minibatch must still update"
+    monkeypatch.setattr(vldac, "token_ppo_loss", lambda *a, **k: real_policy_loss(*a, **k) * float("inf"))
+    after_first = {n: p.detach().clone() for n, p in agent.named_parameters()}
+    stats = vldac.update(agent, optimizer, batch, adv, ret, args, processor.tokenizer)
+    assert stats["skipped_updates"] == 2 and all(torch.equal(after_first[n], p) for n, p in agent.named_parameters())
+
+
+# ---- config.py and flags.py: the defaults and every check on the flags ----
+
+def test_bad_inputs_one_line_exit_2(tiny_dir, capsys):
+    bad = [dict(env_id="gym_cards/Nope-v0"), dict(minibatch_size=8), dict(minibatch_size=3),
+           dict(micro_batch_size=3), dict(total_timesteps=2), dict(temperature=0.0), dict(num_envs=0),
+           dict(num_steps=0), dict(thought_coef=-1.0), dict(threads=-1), dict(merge_lora_rollout=True),
+           dict(reward_shaping=0.3), dict(env_id="MiniWorld-OneRoom-v0", reward_shaping=-0.1)]
+    for overrides in bad:
+        with pytest.raises(SystemExit) as exit_info:
+            make_args(tiny_dir, **overrides)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and err.count("\n") == 1, (overrides, err)
+    with pytest.raises(SystemExit):
+        make_args(tiny_dir, env_id="gym_cards/Nope-v0")
+    err = capsys.readouterr().err
+    assert all(env_id in err for env_id in envs.ENV_IDS), err
+    with pytest.raises(SystemExit) as exit_info:
+        vlm.load_policy(str(tiny_dir / "no-such-model"))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and "`tiny`" in err, err
+
+
+def test_baseline_presets():
+    """--baseline rl4vlm is RL4VLM as published (one ratio per step, no KL, no warm-up, no stop-gradient); --baseline
+    loop has no critic and no KL; a LOOP group size that does not divide --num-envs is a one-line error."""
+    rl4vlm = make_args("tiny", baseline="rl4vlm")
+    assert (rl4vlm.policy_loss, rl4vlm.kl_beta, rl4vlm.value_warmup_iters, rl4vlm.value_stop_grad) == (
+        "rl4vlm", 0, 0, False)
+    loop = make_args("tiny", baseline="loop", num_envs=4, loop_group_size=2)
+    assert (loop.policy_loss, loop.kl_beta, loop.vf_coef, loop.value_warmup_iters) == ("token", 0, 0, 0)
+    vldac_args = make_args("tiny")
+    assert (vldac_args.kl_beta, vldac_args.value_warmup_iters, vldac_args.value_stop_grad) == (
+        config.TINY_DEFAULTS["kl_beta"], 2, True)
+    with pytest.raises(SystemExit):
+        make_args("tiny", baseline="loop", num_envs=4, loop_group_size=3)
+    with pytest.raises(SystemExit):  # a preset's flag given another value
+        make_args("tiny", baseline="rl4vlm", kl_beta=0.05)
+
+
+def test_track_without_wandb_is_one_line(tiny_dir, capsys, monkeypatch):
+    monkeypatch.setattr(config.importlib.util, "find_spec", lambda name: None if name == "wandb" else object())
+    with pytest.raises(SystemExit) as exit_info:
+        make_args(tiny_dir, track=True)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and "pip install wandb" in err, err
+
+
+def domain_cases(name, domain, kind, tmp_path):
+    """(value, inside) pairs at each bound of a flag's domain: the bound itself or the nearest number on either
+    side, NaN and inf for floats; for paths, one that can be created and one under a regular file."""
+    if isinstance(domain, flags.PathTo):
+        (tmp_path / "a_file").write_text("x")
+        (tmp_path / "a_run").mkdir(exist_ok=True)
+        if domain.kind == "run":
+            return [(str(tmp_path / "a_run"), True), (str(tmp_path / "no_such_run"), False)]
+        return [(str(tmp_path / "new" / name), True), (str(tmp_path / "a_file" / name), False)]
+    step = (lambda x, way: x + way) if kind is int else (lambda x, way: math.nextafter(x, way * math.inf))
+    cases = [] if kind is int else [(math.nan, False), (math.inf, False), (-math.inf, False)]
+    for bound, is_open, way in ((domain.low, domain.low_open, 1), (domain.high, domain.high_open, -1)):
+        if math.isfinite(bound):
+            bound = kind(bound)
+            cases += [(step(bound, way), True), (step(bound, -way), False), (bound, not is_open)]
+    if not (math.isfinite(domain.low) or math.isfinite(domain.high)):
+        cases.append((kind(0), True))
+    return cases
+
+
+def flag_kind(annotation):
+    """int, float, str or None (bool, Literal and derived fields have no domain) of a dataclass field's type."""
+    text = str(annotation)
+    if "Suppress" in text or "Literal" in text or annotation is bool or text == "typing.Optional[bool]":
+        return None
+    for kind in (float, int, str):
+        if annotation is kind or kind.__name__ in text.replace("typing.", ""):
+            return kind
+    raise AssertionError(f"a flag of a type the domain test does not know: {annotation}")
+
+
+@pytest.mark.parametrize("script, table", [(vldac.Args, flags.TRAIN), (evaluate.Args, flags.EVALUATE)])
+def test_every_flag_has_a_domain_and_each_bound_holds(script, table, tmp_path, capsys):
+    """Derived from flags.py's table, so that it cannot drift: every flag that takes a number, a path or text has a
+    domain there (a new flag without one fails here), and for each bound the value just inside passes the one
+    check function while the value just outside is refused in one line naming the flag, exit status 2."""
+    fields = {f.name: flag_kind(f.type) for f in dataclasses.fields(script)}
+    assert {name for name, kind in fields.items() if kind is not None} == set(table), "flags without a domain"
+    tried = 0
+    for name, domain in table.items():
+        if domain is None:
+            continue
+        default = getattr(script(), name)
+        for value, inside in domain_cases(name, domain, fields[name], tmp_path):
+            given = (value,) * len(default) if isinstance(default, tuple) else value
+            args = dataclasses.replace(script(), **{name: given})
+            tried += 1
+            if inside:
+                flags.check(args, table)
+                continue
+            with pytest.raises(SystemExit) as exit_info:
+                flags.check(args, table)
+            err = capsys.readouterr().err
+            flag = "--" + name.replace("_", "-")
+            assert exit_info.value.code == 2 and err.count("\n") == 1 and f"{flag} " in err, (name, value, err)
+    assert tried >= 2 * len([d for d in table.values() if d is not None]), tried
+
+
+@pytest.mark.parametrize("script, flag, value", [("vldac.py", "--learning-rate", "-0.001"),
+                                                 ("vldac.py", "--gamma", "nan"), ("vldac.py", "--frame-size", "0 60"),
+                                                 ("evaluate.py", "--num-episodes", "-1")])
+def test_a_bad_value_fails_before_any_work(script, flag, value, tmp_path):
+    """Through the script, with an empty model cache: one line, exit 2, and nothing written or built (no run
+    directory, no output, nothing in the cache)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "VLDAC_CACHE": str(tmp_path / "cache")}
+    result = subprocess.run([sys.executable, str(HERE / script), flag, *value.split()], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and flag in result.stderr, result.stderr
+    assert [p.name for p in tmp_path.iterdir()] == [], "a refused run left something on disk"
+
+
+# ---- baselines.py: RL4VLM and LOOP ----
+
+@pytest.mark.parametrize("thought_coef", [0.35, 1.0])
+def test_rl4vlm_logprob_hand_computed(tiny_dir, thought_coef):
+    """RL4VLM's step log-prob on a crafted response whose thought/action boundary is known by construction."""
+    tokenizer = AutoProcessor.from_pretrained(tiny_dir).tokenizer
+    thought = tokenizer('{"thoughts": "move right",')["input_ids"]
+    action = tokenizer(' "action": "+"}<|im_end|>')["input_ids"]
+    response_ids = torch.tensor(thought + action)  # (R,)
+    action_mask = baselines.action_token_mask(tokenizer, response_ids)
+    assert action_mask.tolist() == [False] * len(thought) + [True] * len(action)
+    logprobs = -torch.rand(2, len(response_ids)) * 3  # (B, R), row 1 padded after 5 tokens
+    token_mask = torch.ones(2, len(response_ids), dtype=torch.bool)
+    token_mask[1, 5:] = False
+    got = baselines.rl4vlm_logprob(logprobs, token_mask, action_mask.expand(2, -1), thought_coef)
+    lp = logprobs.tolist()
+    expected = [thought_coef * sum(lp[0][: len(thought)]) + sum(lp[0][len(thought):]), thought_coef * sum(lp[1][:5])]
+    torch.testing.assert_close(got, torch.tensor(expected))
+    if thought_coef == 1.0:
+        torch.testing.assert_close(got, (logprobs * token_mask).sum(1))
+    # one PPO ratio per step, on that scalar: 0.1 nats up per token over 3 tokens at lambda = 1 -> ratio e^0.3
+    loss = baselines.rl4vlm_ppo_loss(torch.full((1, 3), -1.0), torch.full((1, 3), -1.1), torch.tensor([-1.0]),
+                                    torch.ones(1, 3, dtype=torch.bool), torch.ones(1, 3, dtype=torch.bool), 1.0, 0.1)
+    assert abs(loss.item() - math.exp(0.3)) < 1e-5  # A < 0: the unclipped (larger) loss wins
+
+
+def test_action_split_without_field_is_all_thought(tiny_dir):
+    tokenizer = AutoProcessor.from_pretrained(tiny_dir).tokenizer
+    for text, first_action_char in [("I will go +", None), ('{"action" :"-"}', 1), ('xx "action":+', 3)]:
+        ids = torch.tensor(tokenizer(text)["input_ids"])
+        mask = baselines.action_token_mask(tokenizer, ids)
+        if first_action_char is None:
+            assert not mask.any()
+        else:  # the first action token is the one whose decoded prefix first covers the quote
+            k = int(mask.long().argmax())
+            assert mask[k:].all() and len(tokenizer.decode(ids[:k])) <= first_action_char < len(
+                tokenizer.decode(ids[: k + 1])), (text, mask)
+
+
+def test_rl4vlm_update_first_epoch_ratio_one_then_moves_policy(tiny_dir):
+    args = make_args(tiny_dir, policy_loss="rl4vlm", thought_coef=0.35, update_epochs=1)
+    agent, processor = make_agent(args)
+    _, batch = collect(agent, processor, args)
+    before = policy_params(agent)
+    adv, ret = gae_of(batch, args)
+    optimizer = torch.optim.Adam([p for p in agent.parameters() if p.requires_grad], lr=1e-3)
+    stats = vldac.update(agent, optimizer, batch, adv, torch.randn_like(ret), args, processor.tokenizer)
+    assert stats["clipfrac"] == 0 and abs(stats["approx_kl"]) < 1e-9, stats
+    after = policy_params(agent)
+    assert any(not torch.equal(before[n], after[n]) for n in before if "language_model" in n)
+
+
+def test_loop_advantages_hand_computed():
+    """LOOP: episode i's return minus the mean of the other K - 1 returns of its group, on each of its steps."""
+    returns = torch.tensor([1.0, 0.0, 0.0, -1.0, 2.0, 2.0, 2.0, 2.0])  # two groups of K = 4
+    got = baselines.loop_advantages(returns, torch.tensor([0, 0, 3, 5, 1]), 4)
+    # episode 0: 1 - (0 + 0 - 1) / 3 = 4/3; episode 3: -1 - (1 + 0 + 0) / 3 = -4/3; episodes 5 and 1: 0
+    assert torch.allclose(got, torch.tensor([4 / 3, 4 / 3, -4 / 3, 0.0, 0.0]))
+
+
+def first_frames(batch, num_envs):
+    """Each episode's first stored step's pixels, (num_envs,) list."""
+    return [batch.steps[batch.episode_of_step.tolist().index(i)]["pixel_values"] for i in range(num_envs)]
+
+
+def test_loop_rollout_groups_episodes_by_task(tiny_dir):
+    """collect_episodes: one whole episode per env; the K envs of a group start from the same task (the same
+    first frame), and every step is attributed to its episode; a second rollout draws new tasks."""
+    args = make_args(tiny_dir, env_id=BJ, baseline="loop", num_envs=6, loop_group_size=3, total_timesteps=12)
+    agent, processor = make_agent(args)
+    runner = rollout.EnvRunner([envs.make_env(BJ) for _ in range(6)], seed=0)
+    tasks = []
+    for _ in range(2):
+        batch = runner.collect_episodes(agent, processor, 3)
+        assert len(batch.episodes) == 6 and all(e is not None for e in batch.episodes)
+        lengths = torch.bincount(batch.episode_of_step, minlength=6).tolist()
+        assert lengths == [e["episodic_length"] for e in batch.episodes]
+        assert len(batch.steps) == len(batch.logprobs) == len(batch.values) == sum(lengths)
+        frames = first_frames(batch, 6)
+        for group in (0, 3):
+            assert torch.equal(frames[group], frames[group + 1]) and torch.equal(frames[group], frames[group + 2])
+        tasks += [frames[0], frames[3]]
+    assert any(not torch.equal(tasks[0], t) for t in tasks[1:]), "every group of both rollouts got the same task"
+
+
+def test_loop_update_ratio_one_and_kl_zero_then_moves_policy(tiny_dir):
+    """LOOP's stored steps score as the update rescores them: with the learning rate at 0 every ratio is 1 and the
+    KL to the reference 0 over all its minibatches; with a learning rate, the policy moves."""
+    args = make_args(tiny_dir, env_id=BJ, baseline="loop", num_envs=4, loop_group_size=2, update_epochs=1)
+    agent, processor = make_agent(args)
+    runner = rollout.EnvRunner([envs.make_env(BJ) for _ in range(4)], seed=0)
+    batch, advantages, returns = baselines.loop_rollout(runner, agent, processor, args)
+    returns_by_episode = torch.tensor([e["episodic_return"] for e in batch.episodes])
+    assert torch.allclose(advantages.view(-1), baselines.loop_advantages(returns_by_episode, batch.episode_of_step, 2))
+    trainable = [p for p in agent.parameters() if p.requires_grad]
+    before = policy_params(agent)
+    stats = vldac.update(agent, torch.optim.SGD(trainable, lr=0.0), batch, advantages, returns, args,
+                         processor.tokenizer)
+    assert stats["clipfrac"] == 0 and abs(stats["approx_kl"]) < 1e-9 and abs(stats["kl_ref"]) < 1e-9, stats
+    assert stats["value_loss"] < 1e-9, "LOOP has no value targets: returns are the values themselves"
+    advantages = advantages + torch.arange(len(advantages)) % 2 - 0.5  # never all zero (all hands may tie)
+    vldac.update(agent, torch.optim.Adam(trainable, lr=1e-3), batch, advantages, returns, args, processor.tokenizer)
+    after = policy_params(agent)
+    assert any(not torch.equal(before[n], after[n]) for n in before if "language_model" in n)
+
+
+def test_loop_training_run_stops_at_its_env_step_budget(tiny_dir, tmp_path):
+    """vldac.py --baseline loop: rollouts of whole episodes until --total-timesteps env steps are taken, the
+    learning rate decaying over env steps, no explained variance (no critic), the usual charts."""
+    result = run_script(tmp_path, "--env-id", BJ, "--model-id", str(tiny_dir), "--baseline", "loop", "--num-envs", "4",
+                        "--loop-group-size", "2", "--total-timesteps", "12", "--max-new-tokens", "6",
+                        "--no-save-model", "--eval-episodes", "0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "LOOP: rollouts of 4 whole episodes" in result.stdout, result.stdout
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    logged = scalars(run_dir)
+    steps = [step for step, _ in logged["charts/episodic_return"]]
+    assert steps[-2] < 12 <= steps[-1] and all(4 <= b - a for a, b in zip([0] + steps, steps)), steps
+    rates = [value for _, value in logged["charts/learning_rate"]]
+    assert rates == sorted(rates, reverse=True) and rates[0] == pytest.approx(3e-4), rates
+    assert all(math.isnan(v) for _, v in logged["losses/explained_variance"])
+
+
 @pytest.mark.parametrize("policy_loss", ["token", "rl4vlm"])
 def test_policy_loss_flag_picks_the_loss(tiny_dir, policy_loss):
     """--policy-loss reaches update(): the logged policy loss is the chosen loss over the batch, not the other.
@@ -1373,86 +1556,15 @@ def test_policy_loss_flag_picks_the_loss(tiny_dir, policy_loss):
     action_mask = rollout.pad_stack([baselines.action_token_mask(processor.tokenizer, s["response_ids"])
                                      for s in batch.steps], mask.shape[1])
     expected = dict(token=vldac.token_ppo_loss(logprobs, old, flat, mask, args.clip_coef).item(),
-                    rl4vlm=vldac.rl4vlm_ppo_loss(logprobs, old, flat, mask, action_mask, 0.35, args.clip_coef).item())
+                    rl4vlm=baselines.rl4vlm_ppo_loss(logprobs, old, flat, mask, action_mask, 0.35,
+                                                     args.clip_coef).item())
     assert abs(expected["token"] - expected["rl4vlm"]) > 1e-4, expected
     optimizer = torch.optim.SGD([p for p in agent.parameters() if p.requires_grad], lr=0.0)
     stats = vldac.update(agent, optimizer, batch, advantages, advantages + batch.values, args, processor.tokenizer)
     assert stats["policy_loss"] == pytest.approx(expected[policy_loss], abs=1e-5), (stats, expected)
 
 
-def test_stop_grad_flag_reaches_the_agent(tiny_dir):
-    """make_agent (what vldac.py's main calls) hands --no-value-stop-grad to the Agent."""
-    for flag in (True, False):
-        agent, _ = vldac.make_agent(make_args(tiny_dir, value_stop_grad=flag), "cpu")
-        assert agent.value_stop_grad is flag
-
-
-class RecordingEnv(envs.TextEnv):
-    """A TextEnv that remembers the seeds it was reset with and the state each step left it in."""
-
-    def reset(self, *, seed=None, options=None):
-        self.seeds = getattr(self, "seeds", []) + [seed]
-        return super().reset(seed=seed, options=options)
-
-    def step(self, answer):
-        out = super().step(answer)
-        self.last_state = (out[0], self.prompt())  # (frames, prompt) the agent would see next
-        return out
-
-
-def short_number_line(max_episode_steps=2):
-    """NumberLine with a 2-step time limit: most episodes are truncated, some terminate."""
-    return RecordingEnv(gym.wrappers.TimeLimit(envs.NumberLineEnv(), max_episode_steps), envs.NumberLineEnv.ACTIONS)
-
-
-def test_rollout_bootstraps_truncation_with_the_truncated_states_value(tiny_dir):
-    """A rollout long enough to truncate: where an episode is truncated (not terminated), bootstrap_value is
-    V(truncated state), the state before the reset, computed here on its own; elsewhere it is 0."""
-    args = make_args(tiny_dir, num_steps=5, total_timesteps=10, minibatch_size=5, micro_batch_size=5)
-    agent, processor = make_agent(args)
-    env_list = [short_number_line() for _ in range(2)]
-    runner = rollout.EnvRunner(env_list, seed=0)
-    ended_states, reset = [], runner.reset
-    runner.reset = lambda i: (ended_states.append(env_list[i].last_state), reset(i))  # in (t, env) order
-    batch = runner.collect(agent, processor, args.num_steps, args.temperature, args.max_new_tokens)
-    done = batch.terminated | batch.truncated
-    assert len(ended_states) == int(done.sum())
-    bootstrapped = 0
-    for (t, i), (frames, prompt) in zip(done.nonzero().tolist(), ended_states):
-        if batch.terminated[t, i]:
-            assert batch.bootstrap_values[t, i] == 0
-            continue
-        with torch.no_grad():
-            expected = agent.get_value(rollout.prompt_inputs(processor, [frames], [prompt], "cpu"))[0]
-        assert abs(expected) > 1e-4 and abs(batch.bootstrap_values[t, i] - expected) < 1e-5, (t, i, expected)
-        bootstrapped += 1
-    assert bootstrapped >= 2 and (batch.bootstrap_values[~(batch.truncated & ~batch.terminated)] == 0).all()
-
-
-def test_env_runner_reset_seeds_never_repeat():
-    """Env i starts from seed + i; its k-th reset uses seed + i + k * num_envs: no seed twice, in any env."""
-    env_list = [short_number_line() for _ in range(3)]
-    runner = rollout.EnvRunner(env_list, seed=100)
-    order = np.random.default_rng(0).integers(3, size=60)
-    for i in order:
-        runner.reset(int(i))
-    for i, env in enumerate(env_list):
-        assert env.seeds == [100 + i + k * 3 for k in range(1 + (order == i).sum())], env.seeds
-    seeds = [seed for env in env_list for seed in env.seeds]
-    assert len(seeds) == 63 and len(set(seeds)) == 63
-
-
-def test_cosine_learning_rate_schedule():
-    """Table 6's cosine from 1e-3 to 1e-5 over 5 iterations, values by hand: lr_end + (lr - lr_end) c,
-    c = (1 + cos(pi (k - 1) / 4)) / 2 = 1, 0.853553, 0.5, 0.146447, 0."""
-    args = vldac.Args(learning_rate=1e-3, end_learning_rate=1e-5)
-    args.num_iterations = 5
-    expected = [1e-3, 1e-5 + 9.9e-4 * 0.8535534, 5.05e-4, 1e-5 + 9.9e-4 * 0.1464466, 1e-5]
-    got = [vldac.cosine_learning_rate(k, args) for k in range(1, 6)]
-    np.testing.assert_allclose(got, expected, rtol=1e-6)
-    args.num_iterations = 1
-    assert vldac.cosine_learning_rate(1, args) == 1e-3  # a single iteration runs at the start value
-
+# ---- checkpoint.py: save, resume, signals, run directories ----
 
 def test_lora_update_save_and_reload(tiny_dir, tmp_path):
     """LoRA: an update moves the adapter only; the saved directory reloads (ours and from_pretrained)."""
@@ -1472,142 +1584,11 @@ def test_lora_update_save_and_reload(tiny_dir, tmp_path):
     assert isinstance(policy, PeftModel)
     reloaded = dict(policy.named_parameters())
     assert all(torch.equal(after[n], reloaded[n]) for n in changed)
-    head = vldac.Agent(policy, 1.0).value_head
+    head = vldac.Agent(policy).value_head
     head.load_state_dict(torch.load(tmp_path / "model" / "value_head.pt"))
     assert all(torch.equal(a, b) for a, b in zip(head.parameters(), agent.value_head.parameters()))
     assert AutoModelForImageTextToText.from_pretrained(tmp_path / "model") is not None
     assert json.loads((tmp_path / "model" / "args.json").read_text())["lora_r"] == 4
-
-
-# ---- every script's --help
-
-
-SCRIPTS = ["vldac.py", "evaluate.py", "tiny_vlm.py",
-           *sorted(str(p.relative_to(HERE)) for p in (HERE / "benchmarks").iterdir() if p.suffix in (".py", ".sh"))]
-
-
-def undescribed_flags(help_text):
-    """argparse options whose help line has no description (an option line with nothing after the flag and its
-    metavar, and no indented description line under it)."""
-    lines = help_text.splitlines()
-    missing = []
-    for i, line in enumerate(lines):
-        m = re.match(r"^  (-\w, )?(--[\w-]+)(?: [A-Z_\[\]{},. ]+)?$", line)
-        next_line = lines[i + 1] if i + 1 < len(lines) else ""
-        if m and m[2] != "--help" and not re.match(r"^ {6,}\S", next_line):
-            missing.append(m[2])
-    return missing
-
-
-def test_every_script_answers_help_without_loading_a_model(tmp_path):
-    """--help exits 0 at once (nothing is built: the model cache stays empty) and describes every flag.
-    All scripts at once, as parallel processes (each mostly imports torch)."""
-    env = {**os.environ, "VLDAC_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    procs = {script: subprocess.Popen(["bash" if script.endswith(".sh") else sys.executable, str(HERE / script),
-                                       "--help"], cwd=tmp_path, env=env, text=True, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE) for script in SCRIPTS}
-    problems = {}
-    for script, proc in procs.items():
-        out, err = proc.communicate(timeout=300)
-        if proc.returncode != 0 or "usage" not in out.lower():
-            problems[script] = f"exit {proc.returncode}: {(out + err)[-500:]}"
-        elif undescribed_flags(out):
-            problems[script] = f"flags without a description: {undescribed_flags(out)}"
-    assert not problems, problems
-    assert not (tmp_path / "cache").exists(), "a script's --help built the tiny model"
-
-
-# ---- the script, end to end
-
-
-# 2 envs x 5 steps x 2 iterations: NumberLine truncates at 10 steps, so every env ends an episode
-SMOKE = ["--env-id", ENV_ID, "--num-envs", "2", "--num-steps", "5", "--total-timesteps", "20", "--minibatch-size", "5",
-         "--micro-batch-size", "5", "--max-new-tokens", "6", "--value-warmup-iters", "1", "--save-model", "--eval-episodes", "2"]
-TAGS = ["charts/episodic_return", "charts/success_rate", "charts/episodic_length", "charts/SPS",
-        "charts/learning_rate", "charts/parse_failure_rate", "charts/response_tokens", "losses/policy_loss",
-        "losses/value_loss", "losses/kl_ref", "losses/approx_kl", "losses/old_approx_kl", "losses/clipfrac",
-        "losses/explained_variance", "charts/skipped_updates"]
-
-
-def run_script(cwd, *flags, offline=True):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.update(HF_HUB_OFFLINE="1") if offline else env.pop("HF_HUB_OFFLINE", None)
-    return subprocess.run([sys.executable, str(HERE / "vldac.py"), *flags], cwd=cwd, capture_output=True, text=True,
-                          timeout=300, env=env)
-
-
-def scalars(run_dir):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(run_dir)).Reload()
-    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
-
-
-def test_smoke_run_twice_same_seed(tiny_dir, tmp_path):
-    runs = []
-    for name in ("a", "b"):
-        (tmp_path / name).mkdir()
-        result = run_script(tmp_path / name, *SMOKE, "--model-id", str(tiny_dir), "--seed", "3", "--trajectories-every", "2")
-        assert result.returncode == 0, result.stderr[-3000:]
-        assert result.stdout.count("\niter ") + result.stdout.startswith("iter ") == 2, result.stdout
-        (run_dir,) = (tmp_path / name / "runs").iterdir()
-        runs.append(run_dir)
-    first, second = scalars(runs[0]), scalars(runs[1])
-    assert set(TAGS) <= set(first), sorted(set(TAGS) - set(first))
-    # --value-warmup-iters 1: iteration 1 is the warm-up (policy frozen over both epochs: approx_kl 0), 2 is not
-    assert "iter 1/2" in result.stdout.split("(value warm-up)")[0] and result.stdout.count("(value warm-up)") == 1
-    approx_kl = [v for _, v in first["losses/approx_kl"]]
-    assert approx_kl[0] < 1e-9 and approx_kl[1] > 1e-7, approx_kl
-    lr = [v for _, v in first["charts/learning_rate"]]
-    np.testing.assert_allclose(lr, [3e-4, 3e-5], rtol=1e-6)  # TINY_DEFAULTS, the cosine's two ends
-    assert [s for s, _ in first["losses/value_loss"]] == [10, 20], first["losses/value_loss"]  # x-axis: env steps
-    for tag in set(first) - {"charts/SPS"}:
-        assert first[tag] == second[tag], tag  # same seed -> identical logged metrics
-    model_dir = runs[0] / "model"
-    assert (model_dir / "value_head.pt").exists() and (model_dir / "args.json").exists()
-    policy, _ = vlm.load_policy(str(model_dir))
-    assert not isinstance(policy, PeftModel)
-    # --trajectories-every 2: iteration 2's rollout, every step (2 envs x 5), the same in both runs, as logged
-    assert sorted(p.name for p in (runs[0] / "trajectories").iterdir()) == ["iter2"]
-    texts = [(run / "trajectories" / "iter2" / "gym_cards_NumberLine-v0.jsonl").read_text() for run in runs]
-    assert texts[0] == texts[1]
-    steps = [json.loads(line) for line in texts[0].splitlines()]
-    assert len(steps) == 10
-    for episode in {s["episode"] for s in steps}:  # an episode's steps in this rollout are consecutive
-        numbers = [s["step"] for s in steps if s["episode"] == episode]
-        assert numbers == list(range(numbers[0], numbers[0] + len(numbers))), numbers
-    assert sum(s["parse_failed"] for s in steps) / 10 == pytest.approx(first["charts/parse_failure_rate"][1][1])
-    assert all((runs[0] / "trajectories" / "iter2" / f).exists() for s in steps for f in s["frames"])
-
-
-def test_ablation_learning_curves(tmp_path):
-    """benchmarks/ablations.py's figure: per variant the mean (+- std) over seeds of each seed's 3-iteration moving
-    average of the success rate, on a common grid of env steps; one PNG per env."""
-    sys.path.insert(0, str(HERE / "benchmarks"))
-    import ablations
-
-    runs = [dict(env_id=ENV_ID, variant="vldac", steps=[128, 256, 384, 512], success=s)
-            for s in ([0.0, 0.0, 1.0, 1.0], [0.0, 1.0, 1.0, 1.0])]
-    grid, mean, std = ablations.learning_curve(runs, points=5)
-    assert grid.tolist() == [0, 128, 256, 384, 512]
-    # moving averages 1/3, 2/3 and 2/3, 1 at env steps 384, 512; flat before 384
-    assert mean == pytest.approx([0.5, 0.5, 0.5, 0.5, 5 / 6]) and std[-1] == pytest.approx(1 / 6)
-    runs.append(dict(env_id=ENV_ID, variant="loop", steps=[100, 200, 300], success=[0.0, 0.5, 1.0]))
-    path = ablations.plot(runs, ENV_ID, ["vldac", "loop", "rl4vlm-0.5"], tmp_path / "curve.png", target=0.9)
-    assert Image.open(path).size[0] > 500
-
-
-def test_baseline_and_ablation_switches_smoke_run(tiny_dir, tmp_path):
-    """RL4VLM's loss, no warm-up, no stop-gradient and no KL together, through the script."""
-    flags = [*SMOKE[: SMOKE.index("--value-warmup-iters")], "--no-save-model"]
-    result = run_script(tmp_path, *flags, "--model-id", str(tiny_dir), "--policy-loss", "rl4vlm", "--thought-coef",
-                        "0.35", "--value-warmup-iters", "0", "--no-value-stop-grad", "--kl-beta", "0")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("iter ") == 2 and "warm-up" not in result.stdout, result.stdout
-    (run_dir,) = (tmp_path / "runs").iterdir()
-    logged = scalars(run_dir)
-    assert all(math.isfinite(v) for _, v in logged["losses/policy_loss"])
-    assert logged["losses/approx_kl"][0][1] > 1e-7  # --value-warmup-iters 0: the policy moves from iteration 1
 
 
 # 2 envs x 5 steps x 6 iterations, a checkpoint after every update
@@ -1649,33 +1630,6 @@ def test_kill_9_then_resume_continues_exactly(tiny_dir, tmp_path):
     assert not (run_b / "checkpoint.pt.tmp").exists()
 
 
-def test_non_finite_loss_skips_the_step_and_is_counted(tiny_dir, monkeypatch):
-    args = make_args(tiny_dir, minibatch_size=2, micro_batch_size=1)
-    agent, processor = make_agent(args)
-    optimizer = torch.optim.Adam([p for p in agent.parameters() if p.requires_grad], lr=1e-3)
-    _, batch = collect(agent, processor, args)
-    adv, ret = gae_of(batch, args)
-    before = {n: p.detach().clone() for n, p in agent.named_parameters()}
-    real_policy_loss = vldac.token_ppo_loss
-    calls = []
-
-    def nan_in_first_minibatch(*a, **k):  # a NaN in one micro-batch poisons its whole minibatch
-        calls.append(1)
-        return real_policy_loss(*a, **k) * (float("nan") if len(calls) == 1 else 1.0)
-
-    monkeypatch.setattr(vldac, "token_ppo_loss", nan_in_first_minibatch)
-    args.update_epochs = 1
-    stats = vldac.update(agent, optimizer, batch, adv, ret, args, processor.tokenizer)
-    assert stats["skipped_updates"] == 1, stats
-    assert all(torch.isfinite(p).all() for p in agent.parameters())
-    changed = [n for n, p in agent.named_parameters() if not torch.equal(before[n], p)]
-    assert changed, "the second, finite minibatch must still update"
-    monkeypatch.setattr(vldac, "token_ppo_loss", lambda *a, **k: real_policy_loss(*a, **k) * float("inf"))
-    after_first = {n: p.detach().clone() for n, p in agent.named_parameters()}
-    stats = vldac.update(agent, optimizer, batch, adv, ret, args, processor.tokenizer)
-    assert stats["skipped_updates"] == 2 and all(torch.equal(after_first[n], p) for n, p in agent.named_parameters())
-
-
 def test_resume_takes_no_other_flags_and_says_when_the_run_is_finished(tmp_path, capsys):
     """Flags beside --resume would be silently ignored (the run continues with its own): refuse them. A run
     that finished has nothing left: say so and exit 0, before any model loads."""
@@ -1696,20 +1650,13 @@ def test_resume_takes_no_other_flags_and_says_when_the_run_is_finished(tmp_path,
             assert args.seed == 5 and args.resume == str(run) and saved["iteration"] == 2
 
 
-def test_track_without_wandb_is_one_line(tiny_dir, capsys, monkeypatch):
-    monkeypatch.setattr(vldac.importlib.util, "find_spec", lambda name: None if name == "wandb" else object())
-    with pytest.raises(SystemExit) as exit_info:
-        make_args(tiny_dir, track=True)
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and err.count("\n") == 1 and "pip install wandb" in err, err
-
-
 def test_resume_errors_exit_2(tmp_path, tiny_dir, capsys):
     (tmp_path / "not_a_run").mkdir()
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "checkpoint.pt").write_bytes(b"half a checkpoint")
     for bad in (lambda: checkpoint.load_checkpoint(tmp_path / "not_a_run"),
-                lambda: checkpoint.load_checkpoint(tmp_path / "broken"), lambda: make_args(tiny_dir, checkpoint_every=-1)):
+                lambda: checkpoint.load_checkpoint(tmp_path / "broken"),
+                lambda: make_args(tiny_dir, checkpoint_every=-1)):
         with pytest.raises(SystemExit) as exit_info:
             bad()
         err = capsys.readouterr().err
@@ -1722,36 +1669,72 @@ def test_resume_errors_exit_2(tmp_path, tiny_dir, capsys):
     assert "apt-get install" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_cli_errors_exit_2(tmp_path):
-    result = run_script(tmp_path, "--env-id", "gym_cards/Nope-v0")
-    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
-    # a hub id that cannot be loaded: offline (no network here) or not on the hub; one line either way
-    result = run_script(tmp_path, "--model-id", "nobody/no-such-vlm", "--total-timesteps", "512", offline=False)
-    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0, result.stderr
-    assert not (tmp_path / "runs").exists(), "a run that failed to start left a run directory behind"
-    assert "`tiny`" in result.stderr and result.stderr.startswith("vldac.py: error:")
+# 2 envs x 5 steps per iteration, no model saved, no evaluation
+SHORT_RUN = ["--env-id", ENV_ID, "--num-envs", "2", "--num-steps", "5", "--minibatch-size", "5", "--micro-batch-size",
+             "5", "--max-new-tokens", "6", "--seed", "5", "--eval-episodes", "0", "--no-save-model"]
 
 
-# ---- torchrun: data parallel over 2 gloo processes on the CPU
+def test_two_runs_started_at_once_never_share_a_directory(tiny_dir, tmp_path):
+    """A sweep starts two runs with the same name and seed in the same second: each claims its own directory
+    (claim_directory's mkdir is atomic), with its own events and checkpoint."""
+    claimed = [checkpoint.claim_directory(tmp_path / "runs" / "same") for _ in range(3)]
+    assert [p.name for p in claimed] == ["same", "same-2", "same-3"] and all(p.is_dir() for p in claimed)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    flags_ = [*SHORT_RUN, "--total-timesteps", "10", "--model-id", str(tiny_dir), "--exp-name", "sweep"]
+    procs = [subprocess.Popen([sys.executable, str(HERE / "vldac.py"), *flags_], cwd=tmp_path, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-2000:]
+    runs = sorted((tmp_path / "runs").glob("*__sweep__*"))
+    assert len(runs) == 2, runs
+    for run in runs:
+        assert (run / "checkpoint.pt").is_file() and len(list(run.glob("events.out.tfevents.*"))) == 1, run
+
+
+def test_ctrl_c_checkpoints_the_iteration_and_resume_finishes(tiny_dir, tmp_path):
+    """SIGINT mid-run: the run finishes its iteration, writes a checkpoint (here none would be written otherwise),
+    prints how to --resume in one line, exits 130 without a traceback; --resume then finishes the run."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    flags_ = [*SHORT_RUN, "--total-timesteps", "60", "--checkpoint-every", "0", "--model-id", str(tiny_dir)]
+    proc = subprocess.Popen([sys.executable, str(HERE / "vldac.py"), *flags_], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("iter 2/"):
+            proc.send_signal(signal.SIGINT)
+            break
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+    run_dir = next((tmp_path / "runs").iterdir())
+    assert f"--resume runs/{run_dir.name}" in err.strip().splitlines()[-1], err
+    stopped = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    assert 2 <= stopped["iteration"] < stopped["args"]["num_iterations"], stopped["iteration"]
+    result = run_script(tmp_path, "--resume", str(run_dir))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"after iteration {stopped['iteration']}" in result.stdout
+    assert f"iter {stopped['args']['num_iterations']}/" in result.stdout
+
+
+# ---- distributed.py: torchrun over 2 gloo processes on the CPU ----
 
 DDP_WORKER = """
 import sys
 import torch, torch.distributed as dist
-import distributed, envs, rollout, vldac, vlm
+import config, distributed, envs, rollout, vldac, vlm
 
 tiny_dir, out = sys.argv[1], sys.argv[2]
 torch.set_num_threads(1)
 dist.init_process_group("gloo")
-args = vldac.resolve_args(vldac.Args(env_id="gym_cards/NumberLine-v0", model_id=tiny_dir, num_envs=2, num_steps=2,
+args = config.resolve_args(vldac.Args(env_id="gym_cards/NumberLine-v0", model_id=tiny_dir, num_envs=2, num_steps=2,
                                      total_timesteps=8, minibatch_size=4, micro_batch_size=2, max_new_tokens=6,
                                      update_epochs=1, lora_r=0))
 torch.manual_seed(0)  # as vldac.py: the same seed on every rank for the initial weights
 policy, processor = vlm.load_policy(tiny_dir, "cpu")
-agent = vldac.Agent(policy, args.temperature)
+agent = vldac.Agent(policy, rollout.Sampling(args.temperature, args.max_new_tokens))
 optimizer = torch.optim.Adam([p for p in agent.parameters() if p.requires_grad], lr=1e-3, eps=1e-5)
 torch.manual_seed(1 + distributed.RANK)
 runner = rollout.EnvRunner([envs.make_env(args.env_id) for _ in range(2)], 1 + distributed.RANK * 10**6)
-batch = runner.collect(agent, processor, args.num_steps, args.temperature, args.max_new_tokens)
+batch = runner.collect(agent, processor, args.num_steps)
 adv, ret = vldac.compute_gae(batch.rewards, batch.values, batch.terminated, batch.truncated, batch.bootstrap_values,
                              batch.last_values, args.gamma, args.gae_lambda)
 stats = vldac.update(agent, optimizer, batch, vldac.normalize_advantages(adv), ret, args, processor.tokenizer)
@@ -1819,9 +1802,249 @@ def test_torchrun_script_only_rank_0_logs_and_saves(tiny_dir, tmp_path):
     assert result.returncode == 2 and "2 rank(s)" in result.stderr, result.stderr
 
 
+# ---- vlm.py: loading models, LoRA, other VLM families ----
 
-# ---- tiny_vlm.py (the offline stand-in for a pretrained checkpoint) ----
+def test_larger_layouts_have_the_published_sizes():
+    """benchmarks/larger_model.py's 2B and 7B layouts, made on the meta device (no memory): the parameter counts
+    of Qwen2-VL-2B-Instruct and Qwen2-VL-7B-Instruct, and a layout's model is born in the dtype asked for."""
+    sys.path.insert(0, str(Path(__file__).parent / "benchmarks"))
+    import larger_model
 
+    processor = larger_model.processor()
+    sizes = {layout: larger_model.build_model(layout, processor, "meta", torch.bfloat16) for layout in ("2b", "7b")}
+    assert {k: sum(p.numel() for p in m.parameters()) for k, m in sizes.items()} == {"2b": 2_208_985_600,
+                                                                                     "7b": 8_291_375_616}
+    assert {p.dtype for m in sizes.values() for p in m.parameters()} == {torch.bfloat16}
+    assert torch.get_default_dtype() == torch.float32
+
+
+def tiny_bpe(special, **named):
+    """A byte-level BPE trained on our prompts and answers with the given special tokens, as a fast tokenizer."""
+    corpus = tiny_vlm.tokenizer_corpus(tiny_vlm.StateSampler(tiny_vlm.TinyConfig().env_ids, 0))
+    return tiny_vlm.train_bpe(corpus, 900, special, **named)
+
+
+def tiny_text(tokenizer, eos, pad, **more):
+    """The text config of every tiny family test model: 2 layers, 64 wide, 4 heads (2 KV heads)."""
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in (eos, pad)}
+    return dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, eos_token_id=ids[eos], pad_token_id=ids[pad],
+                bos_token_id=ids[pad], **more)
+
+
+TINY_TOWER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)  # one ViT block
+
+
+def saved(out, model, processor):
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+def tiny_internvl(out):
+    """A tiny random InternVL (2 Qwen2 text layers, one 28-pixel vision block, frames cut into tiles, one token per
+    tile) with its own processor class and ChatML turns."""
+    from transformers import GotOcr2ImageProcessor, InternVLConfig, InternVLForConditionalGeneration, InternVLProcessor
+    from transformers.models.internvl.video_processing_internvl import InternVLVideoProcessor
+
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>"]
+    tokenizer = tiny_bpe(special, eos_token="<|im_end|>", pad_token="<|endoftext|>", extra_special_tokens={
+        "start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
+        "video_token": "<video>"})
+    template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% for c in m['content'] %}{% if c['type'] == "
+                "'image' %}<IMG_CONTEXT>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endfor %}"
+                "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    processor = InternVLProcessor(image_processor=GotOcr2ImageProcessor(size={"height": 28, "width": 28}),
+                                  tokenizer=tokenizer, video_processor=InternVLVideoProcessor(), image_seq_length=1,
+                                  chat_template=template)
+    model = InternVLForConditionalGeneration(InternVLConfig(
+        vision_config=dict(**TINY_TOWER, image_size=[28, 28], patch_size=[14, 14]),
+        text_config=tiny_text(tokenizer, "<|im_end|>", "<|endoftext|>", model_type="qwen2"),
+        image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"), downsample_ratio=0.5))
+    return saved(out, model, processor)
+
+
+def tiny_llava_onevision(out):
+    """A tiny random LLaVA-OneVision (2 Qwen2 text layers, one 28-pixel SigLIP block, any-resolution crops on a
+    28-pixel grid) with its own processor class and ChatML turns."""
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        LlavaOnevisionImageProcessor,
+        LlavaOnevisionProcessor,
+    )
+    from transformers.models.llava_onevision.video_processing_llava_onevision import LlavaOnevisionVideoProcessor
+
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]
+    tokenizer = tiny_bpe(special, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                         extra_special_tokens={"image_token": "<image>", "video_token": "<video>"})
+    template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% for c in m['content'] %}{% if c['type'] == "
+                "'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endfor %}"
+                "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    grid = [[28, 28], [28, 56], [56, 28], [56, 56]]
+    image_processor = LlavaOnevisionImageProcessor(size={"height": 28, "width": 28}, image_grid_pinpoints=grid,
+                                                   crop_size={"height": 28, "width": 28})
+    processor = LlavaOnevisionProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                        video_processor=LlavaOnevisionVideoProcessor(), num_image_tokens=4,
+                                        vision_feature_select_strategy="full", chat_template=template)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in special}
+    model = LlavaOnevisionForConditionalGeneration(LlavaOnevisionConfig(
+        vision_config=dict(**TINY_TOWER, model_type="siglip_vision_model", image_size=28, patch_size=14),
+        text_config=tiny_text(tokenizer, "<|im_end|>", "<|endoftext|>", model_type="qwen2"),
+        image_token_index=ids["<image>"], video_token_index=ids["<video>"], vision_feature_select_strategy="full",
+        vision_feature_layer=-1, image_grid_pinpoints=grid))
+    return saved(out, model, processor)
+
+
+def tiny_smolvlm(out):
+    """A tiny random SmolVLM (2 Llama text layers, one 28-pixel vision block, no image splitting) with its own
+    processor class (it needs num2words) and SmolVLM's turn format."""
+    from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration, SmolVLMImageProcessor, SmolVLMProcessor
+    from transformers.models.smolvlm.video_processing_smolvlm import SmolVLMVideoProcessor
+
+    special = ["<|endoftext|>", "<end_of_utterance>", "<fake_token_around_image>", "<image>", "<global-img>", "<video>"]
+    tokenizer = tiny_bpe(special, eos_token="<end_of_utterance>", pad_token="<|endoftext|>", extra_special_tokens={
+        "fake_image_token": "<fake_token_around_image>", "image_token": "<image>",
+        "end_of_utterance_token": "<end_of_utterance>", "global_image_token": "<global-img>", "video_token": "<video>"})
+    template = ("{% for m in messages %}{{ m['role'] | capitalize }}:{% for c in m['content'] %}{% if c['type'] == "
+                "'image' %}<image>{% else %}{{ c['text'] }}{% endif %}{% endfor %}<end_of_utterance>\n{% endfor %}"
+                "{% if add_generation_prompt %}Assistant:{% endif %}")
+    image_processor = SmolVLMImageProcessor(do_image_splitting=False, size={"longest_edge": 28},
+                                            max_image_size={"longest_edge": 28})
+    processor = SmolVLMProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                 video_processor=SmolVLMVideoProcessor(), image_seq_len=1, chat_template=template)
+    model = SmolVLMForConditionalGeneration(SmolVLMConfig(
+        vision_config=dict(**TINY_TOWER, image_size=28, patch_size=14),
+        text_config=tiny_text(tokenizer, "<end_of_utterance>", "<|endoftext|>", model_type="llama"),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"), scale_factor=2))
+    return saved(out, model, processor)
+
+
+def tiny_gemma3(out):
+    """A tiny random Gemma 3 (2 text layers, one 28-pixel SigLIP block, 4 soft tokens per image) with its own
+    processor class, a byte-level BPE trained on our prompts with Gemma's special tokens, and Gemma's turn format."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessor, Gemma3Processor
+
+    special = ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<end_of_image>",
+               "<image_soft_token>"]
+    tokenizer = tiny_bpe(special, eos_token="<end_of_turn>", pad_token="<pad>", bos_token="<bos>",
+                         extra_special_tokens={"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
+                                               "image_token": "<image_soft_token>"})
+    template = ("{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else "
+                "m['role'] }}\n{% for c in m['content'] %}{% if c['type'] == 'image' %}<start_of_image>{% else %}"
+                "{{ c['text'] }}{% endif %}{% endfor %}<end_of_turn>\n{% endfor %}"
+                "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+    processor = Gemma3Processor(image_processor=Gemma3ImageProcessor(size={"height": 28, "width": 28}),
+                                tokenizer=tokenizer, chat_template=template, image_seq_length=4)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in special}
+    model = Gemma3ForConditionalGeneration(Gemma3Config(
+        text_config=tiny_text(tokenizer, "<end_of_turn>", "<pad>", head_dim=16, sliding_window=64),
+        vision_config=dict(**TINY_TOWER, image_size=28, patch_size=14),
+        mm_tokens_per_image=4, boi_token_index=ids["<start_of_image>"], eoi_token_index=ids["<end_of_image>"],
+        image_token_index=ids["<image_soft_token>"]))
+    return saved(out, model, processor)
+
+
+def tiny_qwen_family(out, family):
+    """A tiny random Qwen2.5-VL or Qwen3-VL (2 text layers, 2 vision blocks) with the tiny model's tokenizer and the
+    family's own processor class, saved like a checkpoint: what a user gets from the hub, in miniature."""
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLProcessor,
+        Qwen2VLImageProcessor,
+        Qwen3VLConfig,
+        Qwen3VLForConditionalGeneration,
+        Qwen3VLProcessor,
+    )
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+
+    cfg = tiny_vlm.TinyConfig()
+    base = tiny_vlm.build_processor(cfg, tiny_vlm.tokenizer_corpus(tiny_vlm.StateSampler(cfg.env_ids, 0)))
+    tokenizer = base.tokenizer
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in tiny_vlm.SPECIAL_TOKENS}
+    text = tiny_text(tokenizer, "<|im_end|>", "<|endoftext|>")
+    tokens = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                  vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    vision = dict(depth=2, hidden_size=32, out_hidden_size=64, intermediate_size=64, num_heads=2, spatial_merge_size=2,
+                  temporal_patch_size=2)
+    if family == "qwen2_5_vl":
+        processor = Qwen2_5_VLProcessor(image_processor=base.image_processor, tokenizer=tokenizer,
+                                        video_processor=base.video_processor, chat_template=base.chat_template)
+        model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
+            text_config=dict(**text, rope_parameters={"rope_type": "default", "rope_theta": 1e4,
+                                                      "mrope_section": [2, 3, 3]}),
+            vision_config=dict(**vision, patch_size=14, window_size=56, fullatt_block_indexes=[1]), **tokens))
+    else:  # Qwen3-VL: 16-pixel patches, interleaved M-RoPE, deepstack features
+        side = cfg.image_size
+        image_processor = Qwen2VLImageProcessor(patch_size=16, merge_size=2, temporal_patch_size=2,
+                                                size={"shortest_edge": side * side, "longest_edge": (side + 8) ** 2})
+        processor = Qwen3VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                     video_processor=Qwen3VLVideoProcessor(), chat_template=base.chat_template)
+        model = Qwen3VLForConditionalGeneration(Qwen3VLConfig(
+            text_config=dict(**text, head_dim=16, rope_parameters={
+                "rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 3, 3], "mrope_interleaved": True}),
+            vision_config=dict(**vision, patch_size=16, num_position_embeddings=64, deepstack_visual_indexes=[0]),
+            **tokens))
+    return saved(out, model, processor)
+
+
+def test_lora_targets_on_the_published_configs():
+    """The LoRA pattern on the real layouts (built on the meta device: no weights), against a count by hand from each
+    config: r (in + out) for q, k, v, o, gate, up, down of every text layer, nothing in the vision tower. The
+    Qwen2-VL figures are also what peft added on the GPU (benchmarks/memory_estimate.py uses these counts)."""
+    sys.path.insert(0, str(HERE / "benchmarks"))
+    import memory_estimate
+
+    def by_hand(layers, hidden, q, kv, mlp):  # widths of the q / k, v / MLP projections
+        return layers * 16 * (2 * (hidden + q) + 2 * (hidden + kv) + 3 * (hidden + mlp))
+
+    expected = {"Qwen/Qwen2-VL-2B-Instruct": by_hand(28, 1536, 1536, 256, 8960),  # 18,464,768 on the H100
+                "Qwen/Qwen2-VL-7B-Instruct": by_hand(28, 3584, 3584, 512, 18944),  # 40,370,176 there
+                "Qwen/Qwen2.5-VL-3B-Instruct": by_hand(36, 2048, 2048, 256, 11008),
+                "google/gemma-3-4b-it": by_hand(34, 2560, 8 * 256, 4 * 256, 10240)}
+    for name, lora in expected.items():
+        assert memory_estimate.shape(name)[1] == lora, name
+    assert expected["Qwen/Qwen2-VL-2B-Instruct"] == 2_227_450_368 - 2_208_985_600
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "gemma3", "internvl", "llava_onevision", "smolvlm"])
+def test_other_families_train(tmp_path, family):
+    """Qwen2.5-VL, Qwen3-VL, Gemma 3 (one (3, H, W) image per frame, token_type_ids), InternVL (each frame cut into
+    tiles), LLaVA-OneVision (crops, image sizes, images per row) and SmolVLM (text_model, a padded image stack) go
+    through the same code, on a card game and on MiniWorld (4 frames in one prompt): a full fine-tune trains the
+    language model alone; with LoRA, first-epoch ratio 1, reference KL 0, no vision token sampled, one update moves
+    the adapter alone; evaluate.py plays."""
+    build = dict(gemma3=tiny_gemma3, internvl=tiny_internvl, llava_onevision=tiny_llava_onevision,
+                 smolvlm=tiny_smolvlm).get(family, lambda out: tiny_qwen_family(out, family))
+    model_dir = build(tmp_path / family)
+    policy, _ = vlm.load_policy(str(model_dir), "cpu")  # full fine-tune: the vision tower and projector frozen
+    trainable = [n for n, p in policy.named_parameters() if p.requires_grad]
+    assert trainable and all("language_model" in n or "text_model" in n or n.startswith("lm_head") for n in trainable)
+    assert any("vision" in n or "visual" in n for n, _ in policy.named_parameters())  # there was a tower to freeze
+    for env_id in (ENV_ID, "MiniWorld-OneRoom-v0"):
+        args = make_args(model_dir, env_id=env_id, lora_r=4)
+        agent, processor = make_agent(args)
+        assert rollout.base_model(agent.policy).config.model_type == family
+        assert len(agent.suppress_token_ids) == dict(gemma3=3, internvl=1, llava_onevision=2, smolvlm=1).get(family, 4)
+        _, batch = collect(agent, processor, args)
+        inputs, response_ids, mask = rollout.collate(batch.steps, processor.tokenizer.pad_token_id, "cpu")
+        old, ref = (rollout.pad_stack(x, response_ids.shape[1]) for x in (batch.logprobs, batch.ref_logprobs))
+        with torch.no_grad():
+            logprobs, _ = agent.get_logprobs_and_value(inputs, response_ids, mask)
+        assert (logprobs - old)[mask].abs().max() < 1e-5 and (ref - old)[mask].abs().max() < 1e-6
+        assert not torch.isin(response_ids[mask], torch.tensor(agent.suppress_token_ids)).any()
+        before = policy_params(agent)
+        adv, ret = gae_of(batch, args)
+        optimizer = torch.optim.Adam([p for p in agent.parameters() if p.requires_grad], lr=1e-2)
+        vldac.update(agent, optimizer, batch, adv, ret, args, processor.tokenizer)
+        moved = {n for n, p in agent.policy.named_parameters() if not torch.equal(p, before[n])}
+        assert moved and all("lora_" in n for n in moved), moved
+    record = evaluate.evaluate(agent.policy, processor, ENV_ID, num_episodes=2, num_envs=2, max_new_tokens=6)
+    assert len(record["episodes"]) == 2 and record["length_mean"] >= 1, record  # evaluate.py plays it too
+
+
+# ---- tiny_vlm.py: the offline stand-in for a pretrained checkpoint ----
 
 def test_tiny_build_runs_with_the_callers_threads_and_records_them(monkeypatch, tmp_path):
     """A build never sets more torch threads than the caller did (two OpenMP threads beside other work stall each
@@ -2087,7 +2310,9 @@ def test_miniworld_model_sees_but_has_no_policy(tiny_families):
 
 
 # ---- evaluate.py ----
+
 EVAL = ["--env-ids", ENV_ID, "--num-episodes", "4", "--num-envs", "4", "--caption-frames", "10"]
+
 RECORD_FIELDS = {"model_id", "env_id", "num_episodes", "success_rate", "success_ci95", "return_mean", "return_std",
                  "length_mean", "parse_failure_rate", "response_tokens_mean", "caption_accuracy", "episodes", "videos"}
 
@@ -2184,7 +2409,6 @@ def test_trained_checkpoint_loads_and_evaluates(tmp_path, tiny_pretrained):
     assert result.stderr.count("\n") == 1 and "saved no model" in result.stderr, result.stderr
 
 
-
 @pytest.mark.parametrize("env_id, episodes", [("gym_cards/NumberLine-v0", 3), ("MiniWorld-OneRoom-v0", 1)])
 def test_saved_trajectories_replay_exactly(tiny_dir, tmp_path, env_id, episodes):
     """evaluate(trajectory_dir=...) writes one JSON line per step and the frames; replaying the recorded actions
@@ -2209,6 +2433,7 @@ def test_saved_trajectories_replay_exactly(tiny_dir, tmp_path, env_id, episodes)
             assert (x["reward"], x["terminated"], x["truncated"]) == (reward, terminated, truncated)
         assert terminated or truncated
 
+
 @pytest.mark.parametrize("flags", [["--env-ids", "gym_cards/NoSuchGame-v0"],
                                    ["--model-ids", "/no/such/model", "--env-ids", ENV_ID],
                                    ["--num-episodes", "0"]])
@@ -2227,8 +2452,177 @@ def test_evaluate_miniworld_without_gl_one_line_exit_2(tmp_path, monkeypatch):
     assert "apt-get install" in result.stderr
 
 
-# ---- learning: the quick start, shortened ----
+def test_evaluate_checks_every_model_first_and_keeps_finished_rows(tiny_dir, tmp_path):
+    """Every --model-ids entry is resolved before any model loads (a missing one, a run still training: one line,
+    nothing written); a model that fails to load later leaves the rows already measured in the JSON."""
+    training = tmp_path / "still_training"
+    training.mkdir()
+    torch.save({}, training / "checkpoint.pt")
+    for bad, says in ((str(tmp_path / "nope"), "no such directory"), (str(training), "still training")):
+        result = run_eval(tmp_path, "--model-ids", str(tiny_dir), bad, *EVAL, "--output", str(tmp_path / "a.json"))
+        assert result.returncode == 2 and result.stderr.count("\n") == 1 and says in result.stderr, result.stderr
+        assert not (tmp_path / "a.json").exists()
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    output = tmp_path / "b.json"
+    result = run_eval(tmp_path, "--model-ids", str(tiny_dir), str(broken), *EVAL, "--output", str(output))
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    records = json.loads(output.read_text())["records"]
+    assert [r["model_id"] for r in records] == [str(tiny_dir)] and RECORD_FIELDS <= set(records[0])
 
+
+# ---- the scripts end to end: --help, the same seed twice, switches, errors ----
+
+def test_module_graph_has_no_cycle_and_evaluate_matches_training_defaults():
+    """No module imports the training loop or itself; flags.py (the refusals) imports no project module and
+    checkpoint.py no model code; evaluate's default answer lengths are the defaults tables' (pinned together)."""
+    project = {p.stem for p in HERE.glob("*.py")}
+
+    def imports(module):  # the project modules `module` imports, at any depth of its code
+        tree = ast.parse((HERE / f"{module}.py").read_text())
+        names = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        names |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+        return {name.split(".")[0] for name in names} & project
+
+    def transitive(module):  # everything it imports, at any remove
+        seen, todo = set(), [module]
+        while todo:
+            for name in imports(todo.pop()) - seen:
+                seen.add(name)
+                todo.append(name)
+        return seen
+
+    for module in ("evaluate", "tiny_vlm", "rollout", "vlm", "checkpoint", "distributed", "envs", "config",
+                   "baselines"):
+        seen = transitive(module)
+        assert "vldac" not in seen and module not in seen, (module, sorted(seen))
+    # the one-line refusal imports nothing of the project, and saving a run loads no model code
+    assert imports("flags") == set() and not transitive("checkpoint") & {"vlm", "tiny_vlm", "rollout"}
+    assert evaluate.DEFAULT_MAX_NEW_TOKENS == dict(tiny=config.TINY_DEFAULTS["max_new_tokens"],
+                                                   paper=config.PAPER_DEFAULTS["max_new_tokens"])
+
+
+SCRIPTS = ["vldac.py", "evaluate.py", "tiny_vlm.py",
+           *sorted(str(p.relative_to(HERE)) for p in (HERE / "benchmarks").glob("[!_]*.py"))]
+
+
+def undescribed_flags(help_text):
+    """argparse options whose help line has no description (an option line with nothing after the flag and its
+    metavar, and no indented description line under it)."""
+    lines = help_text.splitlines()
+    missing = []
+    for i, line in enumerate(lines):
+        m = re.match(r"^  (-\w, )?(--[\w-]+)(?: [A-Z_\[\]{},. ]+)?$", line)
+        next_line = lines[i + 1] if i + 1 < len(lines) else ""
+        if m and m[2] != "--help" and not re.match(r"^ {6,}\S", next_line):
+            missing.append(m[2])
+    return missing
+
+
+def test_every_script_answers_help_without_loading_a_model(tmp_path):
+    """--help exits 0 at once (nothing is built: the model cache stays empty) and describes every flag.
+    All scripts at once, as parallel processes (each mostly imports torch)."""
+    env = {**os.environ, "VLDAC_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(HERE)}  # benchmarks run as modules of the repository: python -m benchmarks.NAME
+
+    def command(script):
+        if script.startswith("benchmarks/"):
+            return [sys.executable, "-m", script[: -len(".py")].replace("/", ".")]
+        return [sys.executable, str(HERE / script)]
+
+    procs = {script: subprocess.Popen([*command(script), "--help"], cwd=tmp_path, env=env, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE) for script in SCRIPTS}
+    problems = {}
+    for script, proc in procs.items():
+        out, err = proc.communicate(timeout=300)
+        if proc.returncode != 0 or "usage" not in out.lower():
+            problems[script] = f"exit {proc.returncode}: {(out + err)[-500:]}"
+        elif undescribed_flags(out):
+            problems[script] = f"flags without a description: {undescribed_flags(out)}"
+    assert not problems, problems
+    assert not (tmp_path / "cache").exists(), "a script's --help built the tiny model"
+
+
+def test_smoke_run_twice_same_seed(tiny_dir, tmp_path):
+    runs = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        result = run_script(tmp_path / name, *SMOKE, "--model-id", str(tiny_dir), "--seed", "3",
+                            "--trajectories-every", "2")
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert result.stdout.count("\niter ") + result.stdout.startswith("iter ") == 2, result.stdout
+        (run_dir,) = (tmp_path / name / "runs").iterdir()
+        runs.append(run_dir)
+    first, second = scalars(runs[0]), scalars(runs[1])
+    assert set(TAGS) <= set(first), sorted(set(TAGS) - set(first))
+    # --value-warmup-iters 1: iteration 1 is the warm-up (policy frozen over both epochs: approx_kl 0), 2 is not
+    assert "iter 1/2" in result.stdout.split("(value warm-up)")[0] and result.stdout.count("(value warm-up)") == 1
+    approx_kl = [v for _, v in first["losses/approx_kl"]]
+    assert approx_kl[0] < 1e-9 and approx_kl[1] > 1e-7, approx_kl
+    lr = [v for _, v in first["charts/learning_rate"]]
+    np.testing.assert_allclose(lr, [3e-4, 3e-5], rtol=1e-6)  # TINY_DEFAULTS, the cosine's two ends
+    assert [s for s, _ in first["losses/value_loss"]] == [10, 20], first["losses/value_loss"]  # x-axis: env steps
+    for tag in set(first) - {"charts/SPS"}:
+        assert first[tag] == second[tag], tag  # same seed -> identical logged metrics
+    model_dir = runs[0] / "model"
+    assert (model_dir / "value_head.pt").exists() and (model_dir / "args.json").exists()
+    policy, _ = vlm.load_policy(str(model_dir))
+    assert not isinstance(policy, PeftModel)
+    # --trajectories-every 2: iteration 2's rollout, every step (2 envs x 5), the same in both runs, as logged
+    assert sorted(p.name for p in (runs[0] / "trajectories").iterdir()) == ["iter2"]
+    texts = [(run / "trajectories" / "iter2" / "gym_cards_NumberLine-v0.jsonl").read_text() for run in runs]
+    assert texts[0] == texts[1]
+    steps = [json.loads(line) for line in texts[0].splitlines()]
+    assert len(steps) == 10
+    for episode in {s["episode"] for s in steps}:  # an episode's steps in this rollout are consecutive
+        numbers = [s["step"] for s in steps if s["episode"] == episode]
+        assert numbers == list(range(numbers[0], numbers[0] + len(numbers))), numbers
+    assert sum(s["parse_failed"] for s in steps) / 10 == pytest.approx(first["charts/parse_failure_rate"][1][1])
+    assert all((runs[0] / "trajectories" / "iter2" / f).exists() for s in steps for f in s["frames"])
+
+
+def test_ablation_learning_curves(tmp_path):
+    """benchmarks/ablations.py's figure: per variant the mean (+- std) over seeds of each seed's 3-iteration moving
+    average of the success rate, on a common grid of env steps; one PNG per env."""
+    sys.path.insert(0, str(HERE / "benchmarks"))
+    import ablations
+
+    runs = [dict(env_id=ENV_ID, variant="vldac", steps=[128, 256, 384, 512], success=s)
+            for s in ([0.0, 0.0, 1.0, 1.0], [0.0, 1.0, 1.0, 1.0])]
+    grid, mean, std = ablations.learning_curve(runs, points=5)
+    assert grid.tolist() == [0, 128, 256, 384, 512]
+    # moving averages 1/3, 2/3 and 2/3, 1 at env steps 384, 512; flat before 384
+    assert mean == pytest.approx([0.5, 0.5, 0.5, 0.5, 5 / 6]) and std[-1] == pytest.approx(1 / 6)
+    runs.append(dict(env_id=ENV_ID, variant="loop", steps=[100, 200, 300], success=[0.0, 0.5, 1.0]))
+    path = ablations.plot(runs, ENV_ID, ["vldac", "loop", "rl4vlm-0.5"], tmp_path / "curve.png", target=0.9)
+    assert Image.open(path).size[0] > 500
+
+
+def test_baseline_and_ablation_switches_smoke_run(tiny_dir, tmp_path):
+    """RL4VLM's loss, no warm-up, no stop-gradient and no KL together, through the script."""
+    flags = [*SMOKE[: SMOKE.index("--value-warmup-iters")], "--no-save-model"]
+    result = run_script(tmp_path, *flags, "--model-id", str(tiny_dir), "--policy-loss", "rl4vlm", "--thought-coef",
+                        "0.35", "--value-warmup-iters", "0", "--no-value-stop-grad", "--kl-beta", "0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("iter ") == 2 and "warm-up" not in result.stdout, result.stdout
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    logged = scalars(run_dir)
+    assert all(math.isfinite(v) for _, v in logged["losses/policy_loss"])
+    assert logged["losses/approx_kl"][0][1] > 1e-7  # --value-warmup-iters 0: the policy moves from iteration 1
+
+
+def test_cli_errors_exit_2(tmp_path):
+    result = run_script(tmp_path, "--env-id", "gym_cards/Nope-v0")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    # a hub id that cannot be loaded: offline (no network here) or not on the hub; one line either way
+    result = run_script(tmp_path, "--model-id", "nobody/no-such-vlm", "--total-timesteps", "512", offline=False)
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0, result.stderr
+    assert not (tmp_path / "runs").exists(), "a run that failed to start left a run directory behind"
+    assert "`tiny`" in result.stderr and result.stderr.startswith("vldac.py: error:")
+
+
+# ---- learning: the quick start, shortened ----
 
 def test_quickstart_learns_numberline(tiny_pretrained, tmp_path):
     """`python vldac.py --env-id gym_cards/NumberLine-v0` (the shipped tiny model, its defaults) cut to 6144 env
@@ -2245,236 +2639,7 @@ def test_quickstart_learns_numberline(tiny_pretrained, tmp_path):
     # it ends with what a user wants next: the model saved, evaluated, GIFs, and where everything is
     assert (run_dir / "model" / "model.safetensors").stat().st_mode & 0o044, "the saved weights must be readable"
     assert len(list((run_dir / "videos").glob("*.gif"))) == 2 and "GIFs: runs/" in result.stdout, result.stdout[-800:]
-    assert f"tensorboard --logdir runs" in result.stdout and "evaluate.py --model-ids runs/" in result.stdout
+    assert "tensorboard --logdir runs" in result.stdout and "evaluate.py --model-ids runs/" in result.stdout
     success = [value for _, value in scalars(run_dir)["charts/success_rate"]]
     assert len(success) == 48, len(success)
     assert np.mean(success[-8:]) >= 0.75, f"no learning: success by iteration {np.round(success, 2).tolist()}"
-
-
-def test_larger_layouts_have_the_published_sizes():
-    """benchmarks/larger_model.py's 2B and 7B layouts, made on the meta device (no memory): the parameter counts
-    of Qwen2-VL-2B-Instruct and Qwen2-VL-7B-Instruct, and a layout's model is born in the dtype asked for."""
-    sys.path.insert(0, str(Path(__file__).parent / "benchmarks"))
-    import larger_model
-
-    processor = larger_model.processor()
-    sizes = {layout: larger_model.build_model(layout, processor, "meta", torch.bfloat16) for layout in ("2b", "7b")}
-    assert {k: sum(p.numel() for p in m.parameters()) for k, m in sizes.items()} == {"2b": 2_208_985_600,
-                                                                                     "7b": 8_291_375_616}
-    assert {p.dtype for m in sizes.values() for p in m.parameters()} == {torch.bfloat16}
-    assert torch.get_default_dtype() == torch.float32
-
-
-def tiny_bpe(special, **named):
-    """A byte-level BPE trained on our prompts and answers with the given special tokens, as a fast tokenizer."""
-    corpus = tiny_vlm.tokenizer_corpus(tiny_vlm.StateSampler(tiny_vlm.TinyConfig().env_ids, 0))
-    return tiny_vlm.train_bpe(corpus, 900, special, **named)
-
-
-def tiny_text(tokenizer, eos, pad, **more):
-    """The text config of every tiny family test model: 2 layers, 64 wide, 4 heads (2 KV heads)."""
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in (eos, pad)}
-    return dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, eos_token_id=ids[eos], pad_token_id=ids[pad],
-                bos_token_id=ids[pad], **more)
-
-
-TINY_TOWER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)  # one ViT block
-
-
-def saved(out, model, processor):
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    return out
-
-
-def tiny_internvl(out):
-    """A tiny random InternVL (2 Qwen2 text layers, one 28-pixel vision block, frames cut into tiles, one token per
-    tile) with its own processor class and ChatML turns."""
-    from transformers import (GotOcr2ImageProcessor, InternVLConfig, InternVLForConditionalGeneration,
-                              InternVLProcessor)
-    from transformers.models.internvl.video_processing_internvl import InternVLVideoProcessor
-
-    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>"]
-    tokenizer = tiny_bpe(special, eos_token="<|im_end|>", pad_token="<|endoftext|>", extra_special_tokens={
-        "start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
-        "video_token": "<video>"})
-    template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% for c in m['content'] %}{% if c['type'] == "
-                "'image' %}<IMG_CONTEXT>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endfor %}"
-                "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-    processor = InternVLProcessor(image_processor=GotOcr2ImageProcessor(size={"height": 28, "width": 28}),
-                                  tokenizer=tokenizer, video_processor=InternVLVideoProcessor(), image_seq_length=1,
-                                  chat_template=template)
-    model = InternVLForConditionalGeneration(InternVLConfig(
-        vision_config=dict(**TINY_TOWER, image_size=[28, 28], patch_size=[14, 14]),
-        text_config=tiny_text(tokenizer, "<|im_end|>", "<|endoftext|>", model_type="qwen2"),
-        image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"), downsample_ratio=0.5))
-    return saved(out, model, processor)
-
-
-def tiny_llava_onevision(out):
-    """A tiny random LLaVA-OneVision (2 Qwen2 text layers, one 28-pixel SigLIP block, any-resolution crops on a
-    28-pixel grid) with its own processor class and ChatML turns."""
-    from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration,
-                              LlavaOnevisionImageProcessor, LlavaOnevisionProcessor)
-    from transformers.models.llava_onevision.video_processing_llava_onevision import LlavaOnevisionVideoProcessor
-
-    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]
-    tokenizer = tiny_bpe(special, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                         extra_special_tokens={"image_token": "<image>", "video_token": "<video>"})
-    template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% for c in m['content'] %}{% if c['type'] == "
-                "'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endfor %}"
-                "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-    grid = [[28, 28], [28, 56], [56, 28], [56, 56]]
-    image_processor = LlavaOnevisionImageProcessor(size={"height": 28, "width": 28}, image_grid_pinpoints=grid,
-                                                   crop_size={"height": 28, "width": 28})
-    processor = LlavaOnevisionProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                                        video_processor=LlavaOnevisionVideoProcessor(), num_image_tokens=4,
-                                        vision_feature_select_strategy="full", chat_template=template)
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in special}
-    model = LlavaOnevisionForConditionalGeneration(LlavaOnevisionConfig(
-        vision_config=dict(**TINY_TOWER, model_type="siglip_vision_model", image_size=28, patch_size=14),
-        text_config=tiny_text(tokenizer, "<|im_end|>", "<|endoftext|>", model_type="qwen2"),
-        image_token_index=ids["<image>"], video_token_index=ids["<video>"], vision_feature_select_strategy="full",
-        vision_feature_layer=-1, image_grid_pinpoints=grid))
-    return saved(out, model, processor)
-
-
-def tiny_smolvlm(out):
-    """A tiny random SmolVLM (2 Llama text layers, one 28-pixel vision block, no image splitting) with its own
-    processor class (it needs num2words) and SmolVLM's turn format."""
-    from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration, SmolVLMImageProcessor, SmolVLMProcessor
-    from transformers.models.smolvlm.video_processing_smolvlm import SmolVLMVideoProcessor
-
-    special = ["<|endoftext|>", "<end_of_utterance>", "<fake_token_around_image>", "<image>", "<global-img>", "<video>"]
-    tokenizer = tiny_bpe(special, eos_token="<end_of_utterance>", pad_token="<|endoftext|>", extra_special_tokens={
-        "fake_image_token": "<fake_token_around_image>", "image_token": "<image>",
-        "end_of_utterance_token": "<end_of_utterance>", "global_image_token": "<global-img>", "video_token": "<video>"})
-    template = ("{% for m in messages %}{{ m['role'] | capitalize }}:{% for c in m['content'] %}{% if c['type'] == "
-                "'image' %}<image>{% else %}{{ c['text'] }}{% endif %}{% endfor %}<end_of_utterance>\n{% endfor %}"
-                "{% if add_generation_prompt %}Assistant:{% endif %}")
-    image_processor = SmolVLMImageProcessor(do_image_splitting=False, size={"longest_edge": 28},
-                                            max_image_size={"longest_edge": 28})
-    processor = SmolVLMProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                                 video_processor=SmolVLMVideoProcessor(), image_seq_len=1, chat_template=template)
-    model = SmolVLMForConditionalGeneration(SmolVLMConfig(
-        vision_config=dict(**TINY_TOWER, image_size=28, patch_size=14),
-        text_config=tiny_text(tokenizer, "<end_of_utterance>", "<|endoftext|>", model_type="llama"),
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"), scale_factor=2))
-    return saved(out, model, processor)
-
-
-def tiny_gemma3(out):
-    """A tiny random Gemma 3 (2 text layers, one 28-pixel SigLIP block, 4 soft tokens per image) with its own
-    processor class, a byte-level BPE trained on our prompts with Gemma's special tokens, and Gemma's turn format."""
-    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessor, Gemma3Processor
-
-    special = ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<end_of_image>",
-               "<image_soft_token>"]
-    tokenizer = tiny_bpe(special, eos_token="<end_of_turn>", pad_token="<pad>", bos_token="<bos>", extra_special_tokens={
-        "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"})
-    template = ("{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else "
-                "m['role'] }}\n{% for c in m['content'] %}{% if c['type'] == 'image' %}<start_of_image>{% else %}"
-                "{{ c['text'] }}{% endif %}{% endfor %}<end_of_turn>\n{% endfor %}"
-                "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
-    processor = Gemma3Processor(image_processor=Gemma3ImageProcessor(size={"height": 28, "width": 28}),
-                                tokenizer=tokenizer, chat_template=template, image_seq_length=4)
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in special}
-    model = Gemma3ForConditionalGeneration(Gemma3Config(
-        text_config=tiny_text(tokenizer, "<end_of_turn>", "<pad>", head_dim=16, sliding_window=64),
-        vision_config=dict(**TINY_TOWER, image_size=28, patch_size=14),
-        mm_tokens_per_image=4, boi_token_index=ids["<start_of_image>"], eoi_token_index=ids["<end_of_image>"],
-        image_token_index=ids["<image_soft_token>"]))
-    return saved(out, model, processor)
-
-
-def tiny_qwen_family(out, family):
-    """A tiny random Qwen2.5-VL or Qwen3-VL (2 text layers, 2 vision blocks) with the tiny model's tokenizer and the
-    family's own processor class, saved like a checkpoint: what a user gets from the hub, in miniature."""
-    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
-                              Qwen2VLImageProcessor, Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor)
-    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
-
-    cfg = tiny_vlm.TinyConfig()
-    base = tiny_vlm.build_processor(cfg, tiny_vlm.tokenizer_corpus(tiny_vlm.StateSampler(cfg.env_ids, 0)))
-    tokenizer = base.tokenizer
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in tiny_vlm.SPECIAL_TOKENS}
-    text = tiny_text(tokenizer, "<|im_end|>", "<|endoftext|>")
-    tokens = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-                  vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
-    vision = dict(depth=2, hidden_size=32, out_hidden_size=64, intermediate_size=64, num_heads=2, spatial_merge_size=2,
-                  temporal_patch_size=2)
-    if family == "qwen2_5_vl":
-        processor = Qwen2_5_VLProcessor(image_processor=base.image_processor, tokenizer=tokenizer,
-                                        video_processor=base.video_processor, chat_template=base.chat_template)
-        model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
-            text_config=dict(**text, rope_parameters={"rope_type": "default", "rope_theta": 1e4,
-                                                      "mrope_section": [2, 3, 3]}),
-            vision_config=dict(**vision, patch_size=14, window_size=56, fullatt_block_indexes=[1]), **tokens))
-    else:  # Qwen3-VL: 16-pixel patches, interleaved M-RoPE, deepstack features
-        side = cfg.image_size
-        image_processor = Qwen2VLImageProcessor(patch_size=16, merge_size=2, temporal_patch_size=2,
-                                                size={"shortest_edge": side * side, "longest_edge": (side + 8) ** 2})
-        processor = Qwen3VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                                     video_processor=Qwen3VLVideoProcessor(), chat_template=base.chat_template)
-        model = Qwen3VLForConditionalGeneration(Qwen3VLConfig(
-            text_config=dict(**text, head_dim=16, rope_parameters={"rope_type": "default", "rope_theta": 1e4,
-                                                                   "mrope_section": [2, 3, 3], "mrope_interleaved": True}),
-            vision_config=dict(**vision, patch_size=16, num_position_embeddings=64, deepstack_visual_indexes=[0]),
-            **tokens))
-    return saved(out, model, processor)
-
-
-def test_lora_targets_on_the_published_configs():
-    """The LoRA pattern on the real layouts (built on the meta device: no weights), against a count by hand from each
-    config: r (in + out) for q, k, v, o, gate, up, down of every text layer, nothing in the vision tower. The
-    Qwen2-VL figures are also what peft added on the GPU (benchmarks/memory_estimate.py uses these counts)."""
-    sys.path.insert(0, str(HERE / "benchmarks"))
-    import memory_estimate
-
-    def by_hand(layers, hidden, q, kv, mlp):  # widths of the q / k, v / MLP projections
-        return layers * 16 * (2 * (hidden + q) + 2 * (hidden + kv) + 3 * (hidden + mlp))
-
-    expected = {"Qwen/Qwen2-VL-2B-Instruct": by_hand(28, 1536, 1536, 256, 8960),  # 18,464,768 on the H100
-                "Qwen/Qwen2-VL-7B-Instruct": by_hand(28, 3584, 3584, 512, 18944),  # 40,370,176 there
-                "Qwen/Qwen2.5-VL-3B-Instruct": by_hand(36, 2048, 2048, 256, 11008),
-                "google/gemma-3-4b-it": by_hand(34, 2560, 8 * 256, 4 * 256, 10240)}
-    for name, lora in expected.items():
-        assert memory_estimate.shape(name)[1] == lora, name
-    assert expected["Qwen/Qwen2-VL-2B-Instruct"] == 2_227_450_368 - 2_208_985_600
-
-
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "gemma3", "internvl", "llava_onevision", "smolvlm"])
-def test_other_families_train(tmp_path, family):
-    """Qwen2.5-VL, Qwen3-VL, Gemma 3 (one (3, H, W) image per frame, token_type_ids), InternVL (each frame cut into
-    tiles), LLaVA-OneVision (crops, image sizes, images per row) and SmolVLM (text_model, a padded image stack) go
-    through the same code, on a card game and on MiniWorld (4 frames in one prompt): a full fine-tune trains the
-    language model alone; with LoRA, first-epoch ratio 1, reference KL 0, no vision token sampled, one update moves
-    the adapter alone; evaluate.py plays."""
-    build = dict(gemma3=tiny_gemma3, internvl=tiny_internvl, llava_onevision=tiny_llava_onevision,
-                 smolvlm=tiny_smolvlm).get(family, lambda out: tiny_qwen_family(out, family))
-    model_dir = build(tmp_path / family)
-    policy, _ = vlm.load_policy(str(model_dir), "cpu")  # full fine-tune: the vision tower and projector frozen
-    trainable = [n for n, p in policy.named_parameters() if p.requires_grad]
-    assert trainable and all("language_model" in n or "text_model" in n or n.startswith("lm_head") for n in trainable)
-    assert any("vision" in n or "visual" in n for n, _ in policy.named_parameters())  # there was a tower to freeze
-    for env_id in (ENV_ID, "MiniWorld-OneRoom-v0"):
-        args = make_args(model_dir, env_id=env_id, lora_r=4)
-        agent, processor = make_agent(args)
-        assert rollout.base_model(agent.policy).config.model_type == family
-        assert len(agent.suppress_token_ids) == dict(gemma3=3, internvl=1, llava_onevision=2, smolvlm=1).get(family, 4)
-        _, batch = collect(agent, processor, args)
-        inputs, response_ids, mask = rollout.collate(batch.steps, processor.tokenizer.pad_token_id, "cpu")
-        old, ref = (rollout.pad_stack(x, response_ids.shape[1]) for x in (batch.logprobs, batch.ref_logprobs))
-        with torch.no_grad():
-            logprobs, _ = agent.get_logprobs_and_value(inputs, response_ids, mask)
-        assert (logprobs - old)[mask].abs().max() < 1e-5 and (ref - old)[mask].abs().max() < 1e-6
-        assert not torch.isin(response_ids[mask], torch.tensor(agent.suppress_token_ids)).any()
-        before = policy_params(agent)
-        adv, ret = gae_of(batch, args)
-        optimizer = torch.optim.Adam([p for p in agent.parameters() if p.requires_grad], lr=1e-2)
-        vldac.update(agent, optimizer, batch, adv, ret, args, processor.tokenizer)
-        moved = {n for n, p in agent.policy.named_parameters() if not torch.equal(p, before[n])}
-        assert moved and all("lora_" in n for n in moved), moved
-    record = evaluate.evaluate(agent.policy, processor, ENV_ID, num_episodes=2, num_envs=2, max_new_tokens=6)
-    assert len(record["episodes"]) == 2 and record["length_mean"] >= 1, record  # evaluate.py plays it too

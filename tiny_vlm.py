@@ -352,7 +352,8 @@ def pretrain(model, processor, sampler, cfg: TinyConfig, steps=None, progress=Tr
     next_token_loss = answer_loss if cfg.fast_pretrain else (lambda model, batch: model(**batch).loss)
     warmup, horizon = max(1, steps // 20), max(1, steps)
     schedule = torch.optim.lr_scheduler.LambdaLR(  # linear warm-up, then cosine to 5% of the peak
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * min(s, horizon) / horizon))))
+        optimizer,
+        lambda s: min(1.0, (s + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * min(s, horizon) / horizon))))
     model.train()
     bar = tqdm(range(steps), desc="pre-training the tiny VLM", disable=not progress)
     for _ in bar:
@@ -383,11 +384,9 @@ def pretrain(model, processor, sampler, cfg: TinyConfig, steps=None, progress=Tr
 
 
 @torch.no_grad()
-def generate_answers(model, processor, image_lists, prompts, max_new_tokens=32):
-    """Greedy answers, batched (left padding for generation)."""
-    batch = rollout.prompt_inputs(processor, image_lists, prompts, model.device)
-    response_ids = rollout.generate(model, batch, processor.tokenizer.pad_token_id, max_new_tokens, temperature=0)
-    return processor.batch_decode(response_ids, skip_special_tokens=True)
+def generate_answers(model, processor, image_lists, prompts, max_new_tokens=32, temperature=0.0):
+    """Answers to a batch of (frames, prompt), greedy unless a temperature is given (rollout.answer)."""
+    return rollout.answer(model, processor, image_lists, prompts, rollout.Sampling(temperature, max_new_tokens)).texts
 
 
 def caption_accuracy(model, processor, env_id, num_frames=200, seed=12345, batch_size=50):
@@ -440,9 +439,8 @@ def parse_failure_rate(model, processor, env_id, num_prompts=200, seed=12346, ba
     torch.manual_seed(seed)
     for i in range(0, num_prompts, batch_size):
         chunk = states[i : i + batch_size]
-        batch = rollout.prompt_inputs(processor, [s[0] for s in chunk], [s[1] for s in chunk], model.device)
-        ids = rollout.generate(model, batch, processor.tokenizer.pad_token_id, max_new_tokens, temperature=1.0)
-        for answer, state in zip(processor.batch_decode(ids, skip_special_tokens=True), chunk):
+        answers = generate_answers(model, processor, [s[0] for s in chunk], [s[1] for s in chunk], max_new_tokens, 1.0)
+        for answer, state in zip(answers, chunk):
             failures += envs.parse_action(answer, state[3], rng)[1]
     return failures / num_prompts
 
@@ -544,9 +542,9 @@ def _main():
     import dataclasses
     import shutil
 
-    parser = argparse.ArgumentParser(description="Build tiny VLMs (one per family of envs: %(families)s) and print "
-                                     "each env's probe figures on held-out states (caption accuracy, parse failures "
-                                     "at temperature 1) beside the shipped model's." % dict(families=", ".join(FAMILIES)))
+    parser = argparse.ArgumentParser(description=f"Build tiny VLMs (one per family of envs: {', '.join(FAMILIES)}) "
+                                     "and print each env's probe figures on held-out states (caption accuracy, parse "
+                                     "failures at temperature 1) beside the shipped model's.")
     parser.add_argument("--build", nargs="+", required=True, choices=list(FAMILIES) + ["all"], metavar="FAMILY",
                         help=f"families to build: {', '.join(FAMILIES)}, or all")
     parser.add_argument("--out", default=None, help="directory to build into, one tiny-FAMILY sub-directory each "

@@ -1,9 +1,8 @@
 # Loading the vision-language model that VL-DAC (arXiv 2508.04280) trains: the tiny offline Qwen2-VL, a local
-# directory, a hub id, or a directory written by `vldac.py --save-model`; and the one-line errors for bad input.
+# directory, a hub id, or a directory written by `vldac.py --save-model`.
 import functools
 import json
 import socket
-import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -13,6 +12,7 @@ from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import tiny_vlm
+from flags import fail
 
 # Per family, where transformers names them: the language model (LoRA's targets) is `language_model` (Qwen, Gemma,
 # InternVL, LLaVA) or `text_model` (SmolVLM); the vision tower and its projector, frozen always, are `visual` (Qwen),
@@ -20,12 +20,6 @@ import tiny_vlm
 # `vision_model` + `connector` (SmolVLM).
 LORA_TARGETS = r".*(language_model|text_model).*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 VISION_TOWER = ("visual", "vision_tower", "multi_modal_projector", "image_newline", "vision_model", "connector")
-
-
-def fail(message):
-    """Bad input: one line on stderr naming the script, exit code 2 (as argparse/tyro do)."""
-    print(f"{Path(sys.argv[0]).name}: error: {message}", file=sys.stderr)
-    sys.exit(2)
 
 
 def model_dir(model_id):
@@ -48,7 +42,8 @@ def why_not_loadable(model_id, error):
     path = Path(model_id).expanduser()
     if path.is_dir():
         if (path / "checkpoint.pt").exists():
-            return f"{model_id} is a training run that saved no model (train with --save-model, the default)"
+            return (f"{model_id} is a training run that has saved no model: still training, stopped (continue it: "
+                    f"python vldac.py --resume {model_id}) or run with --no-save-model")
         if not any((path / name).exists() for name in ("config.json", "adapter_config.json")):
             return f"{model_id} holds no model (no config.json or adapter_config.json)"
     elif model_id.startswith((".", "/", "~")) or model_id.count("/") != 1:
@@ -79,6 +74,17 @@ def resolve(model_id, env_id):
         return tiny_vlm.tiny_model_path(tiny_vlm.family_of(env_id))
     except tiny_vlm.FramesDiffer as e:
         fail(str(e))
+
+
+def locate(model_id, env_id):
+    """resolve(), refusing in one line, before anything loads, a directory that holds no model or a path that does
+    not exist (a hub id is looked up when it loads)."""
+    path = Path(resolve(model_id, env_id)).expanduser()
+    holds_model = any((path / name).exists() for name in ("config.json", "adapter_config.json"))
+    if (path.is_dir() and not holds_model) or (not path.exists() and (model_id.startswith((".", "/", "~"))
+                                                                      or model_id.count("/") != 1)):
+        fail(f"{why_not_loadable(str(path), None)}; models: `tiny`, a local directory, a run directory or a hub id")
+    return str(path)
 
 
 def load_policy(model_id, device="cpu", lora_r=0, lora_alpha=32, lora_dropout=0.0, env_id="gym_cards/NumberLine-v0",

@@ -2,8 +2,8 @@
 and the ladder in between) and LOOP, and VL-DAC without each of its stabilisers. Runs variants x envs x seeds of
 `python vldac.py`, --jobs at a time with one thread each, then writes a markdown table to OUT/results.md and a
 learning-curve PNG per env to OUT/ENV.png (mean over seeds, +- std band, one line per variant), and prints it. Run:
-    python benchmarks/ablations.py                                          # the full benchmark
-    python benchmarks/ablations.py --total-timesteps 256 --seeds 1 --variants vldac rl4vlm-0.5 --out /tmp/abl
+    python -m benchmarks.ablations                                          # the full benchmark
+    python -m benchmarks.ablations --total-timesteps 256 --seeds 1 --variants vldac rl4vlm-0.5 --out /tmp/abl
 Resumable: a run whose result.json was written by the same command is skipped, so an interrupted benchmark
 continues where it stopped. Each run lives in OUT/{env}/{variant}/seed{S}/: train.log (stdout), runs/
 (TensorBoard; vldac.py runs with that directory as its working directory), model/, result.json.
@@ -55,7 +55,6 @@ DEFAULT_TARGETS = {"gym_cards/NumberLine-v0": 0.9}
 
 def probe(model_id, env_id):
     """Caption accuracy of one model on env_id's held-out frames (runs in a child process: see run_probe)."""
-    sys.path.insert(0, str(ROOT))
     import tiny_vlm
     import vlm
 
@@ -66,7 +65,6 @@ def probe(model_id, env_id):
 def tiny_model_name(env_id):
     """The tiny model that `--model-id tiny` trains on env_id, named with a hash of its weights: a saved result is
     reused only when it was trained from this very model (a re-shipped or rebuilt family has a new name)."""
-    sys.path.insert(0, str(ROOT))
     import tiny_vlm
 
     path = Path(tiny_vlm.tiny_model_path(tiny_vlm.family_of(env_id)))
@@ -80,8 +78,8 @@ def child_env():
 
 def run_probe(model_id, env_id):
     """probe() in a one-thread child process: it takes the run's slot, and the parent never imports torch."""
-    out = subprocess.run([sys.executable, __file__, "--probe", str(model_id), env_id], env=child_env(),
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-m", "benchmarks.ablations", "--probe", str(model_id), env_id],
+                         env=child_env(), capture_output=True, text=True, check=True)
     return float(out.stdout.split()[-1])
 
 
@@ -263,7 +261,7 @@ def main():
         f"were reused), {sum(r['wall_s'] for r in results):.0f} s summed over runs; {args.jobs} runs at a time, "
         "OMP_NUM_THREADS=1 each.",
         f"Hardware: {hardware()}.",
-        f"Command: python benchmarks/ablations.py {' '.join(sys.argv[1:])}",
+        f"Command: python -m benchmarks.ablations {' '.join(sys.argv[1:])}",
     ])
     figures = [plot(results, env_id, args.variants, out / f"{env_id.split('/')[-1]}.png", targets.get(env_id))
                for env_id in args.envs]

@@ -9,12 +9,11 @@ recipe apart (docs/results.md, "Why some builds learned slowly"). Prints a markd
   of the right move over the 30 states reaches 0.9: how far the decision is from the base model's weights.
 And, with --advantages, the correlation of a step's normalised GAE advantage with its move being right under
 uniformly random play (the base model's), by simulation, for lambda 1 / 0.9 / 0.5 and a zero or exact critic.
-    python benchmarks/build_diagnostics.py models/tiny-numberline runs/builds/seed1/tiny-numberline --advantages
+    python -m benchmarks.build_diagnostics models/tiny-numberline runs/builds/seed1/tiny-numberline --advantages
 """
 import argparse
 import functools
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +36,7 @@ def sampled_actions(model, processor, samples):
     rng, plus, right, failed = np.random.default_rng(0), [], 0, 0
     for (g, p), image in zip(states, frames):
         batch = rollout.prompt_inputs(processor, [image] * samples, [env.prompt()] * samples, "cpu")
-        ids = rollout.generate(model, batch, processor.tokenizer.pad_token_id, 48, temperature=1.0)
+        ids = rollout.generate(model, batch, processor.tokenizer.pad_token_id, rollout.Sampling(1.0, 48))
         answers = processor.batch_decode(ids, skip_special_tokens=True)
         parsed = [envs.parse_action(a, env.actions, rng) for a in answers]
         plus.append(np.mean([action == 1 for action, _ in parsed]))
@@ -77,14 +76,14 @@ def gradient_cosine(model, processor, seed=0):
         frames.append([env.unwrapped._image()])
         states.append((env.unwrapped.goal, env.unwrapped.position))
     inputs = rollout.prompt_inputs(processor, frames, [env.prompt()] * len(states), "cpu")
-    response = rollout.generate(model, inputs, processor.tokenizer.pad_token_id, 48, temperature=1.0)
+    response = rollout.generate(model, inputs, processor.tokenizer.pad_token_id, rollout.Sampling(1.0, 48))
     mask = rollout.response_mask(response, torch.tensor(rollout.eos_token_ids(model)))
     moves = [envs.parse_action(a, env.actions, rng)[0]
              for a in processor.batch_decode(response, skip_special_tokens=True)]
     advantage = torch.tensor([1.0 if m == int(g > p) else -1.0 for m, (g, p) in zip(moves, states)])
     action_ids = [processor.tokenizer.convert_tokens_to_ids(t) for t in ('Ġ"+"}', 'Ġ"-"}')]
     is_action = torch.isin(response, torch.tensor(action_ids))  # (B, R)
-    agent = vldac.Agent(model, 1.0)
+    agent = vldac.Agent(model, rollout.Sampling(1.0, 48))
     params = [p for p in model.parameters() if p.requires_grad]
 
     def gradient(tokens):
@@ -114,7 +113,7 @@ def supervised_steps(path, lr=3e-4, limit=300):
     response, mask = right_answers(processor, states)
     action_ids = torch.tensor([processor.tokenizer.convert_tokens_to_ids(t) for t in ('Ġ"+"}', 'Ġ"-"}')])
     column = torch.isin(response, action_ids).float().argmax(1)  # (30,): where the move is
-    agent = vldac.Agent(model, 1.0)
+    agent = vldac.Agent(model, rollout.Sampling(1.0, 48))
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
     for step in range(limit + 1):
         logprobs, _ = agent.get_logprobs_and_value(inputs, response, mask)
@@ -177,7 +176,6 @@ def main():
     a = parser.parse_args()
     if a.samples < 1:
         parser.error("--samples must be >= 1")
-    sys.path.insert(0, str(ROOT))
     import torch
 
     import tiny_vlm

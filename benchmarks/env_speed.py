@@ -1,16 +1,13 @@
 """Speed of the environments and the answer parser alone, no model: ms per card-game step (render included)
 and the slowest parse of the hostile answers the tests feed the parser (huge, deeply nested, unterminated).
-Usage: python benchmarks/env_speed.py [--steps 300]"""
+Usage: python -m benchmarks.env_speed [--steps 300]"""
 import argparse
 import json
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import envs  # noqa: E402
+import envs
 
 HOSTILE = ["{" * 100_000, '{"a": ' * 5_000, "x" * 1_000_000, "[" * 10_000 + '{"action": "+"}',
            "__import__('os').system('touch pwned')"]

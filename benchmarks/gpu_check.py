@@ -13,7 +13,7 @@ forward against the update's re-collated micro-batches: 0 in exact arithmetic), 
 the policy is still the reference), then the update's kl_ref, parse failures and success. --cross also updates one
 rollout batch (collected on the CPU, or on the GPU) on both devices from the same state. Variants and seeds run in
 parallel subprocesses, the quick start beside them.
-Usage: python benchmarks/gpu_check.py [--iterations 8] [--seeds 1 2] [--cross] [--out DIR] [--quickstart-seconds 240]
+Usage: python -m benchmarks.gpu_check [--iterations 8] [--seeds 1 2] [--cross] [--out DIR] [--quickstart-seconds 240]
 """
 import argparse
 import json
@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 VARIANTS = ["bf16:sdpa", "bf16:eager", "mixed:sdpa", "mixed:eager", "fp32:sdpa"]
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -82,7 +81,7 @@ def next_batch(runner, agent, processor, optimizer, iteration, args):
     import vldac
 
     optimizer.param_groups[0]["lr"] = vldac.cosine_learning_rate(iteration, args)
-    batch = runner.collect(agent, processor, args.num_steps, args.temperature, args.max_new_tokens)
+    batch = runner.collect(agent, processor, args.num_steps)
     advantages, returns = vldac.compute_gae(batch.rewards, batch.values, batch.terminated, batch.truncated,
                                             batch.bootstrap_values, batch.last_values, args.gamma, args.gae_lambda)
     return batch, vldac.normalize_advantages(advantages), returns
@@ -98,7 +97,8 @@ def sampling_check(agent, processor, runner, args, batches=4):
 
     import rollout
 
-    inputs = rollout.prompt_inputs(processor, runner.frames, [env.prompt() for env in runner.envs], agent.device)
+    inputs = rollout.prompt_inputs(processor, [e.frames for e in runner.episodes],
+                                   [env.prompt() for env in runner.envs], agent.device)
     difference, sampled, expected, tokens = 0.0, 0.0, 0.0, 0
     for _ in range(batches):
         with torch.no_grad(), rollout.compute_context(agent.policy):
@@ -112,8 +112,10 @@ def sampling_check(agent, processor, runner, args, batches=4):
         with torch.no_grad():
             logits, _ = scored(agent, agent.policy, inputs, response_ids, mask)
         suppressed = torch.tensor(agent.suppress_token_ids, device=logits.device)
-        every = (logits.float() / args.temperature).index_fill(-1, suppressed, float("-inf")).log_softmax(-1)  # (B, R, V)
-        difference = max(difference, (torch.stack(out.logits, 1).float() - logits.float()).abs().amax(-1)[mask].max().item())
+        # (B, R, V)
+        every = (logits.float() / args.temperature).index_fill(-1, suppressed, float("-inf")).log_softmax(-1)
+        difference = max(difference,
+                         (torch.stack(out.logits, 1).float() - logits.float()).abs().amax(-1)[mask].max().item())
         picked = every.gather(-1, response_ids.unsqueeze(-1)).squeeze(-1)[mask]  # (tokens,)
         sampled += (picked < -5).sum().item()
         expected += torch.where(every < -5, every.exp(), 0.0).sum(-1)[mask].sum().item()
@@ -134,9 +136,10 @@ def device_check(agent, processor, runner, args, env_id):
     import rollout
     import tiny_vlm
 
-    inputs = rollout.prompt_inputs(processor, runner.frames, [env.prompt() for env in runner.envs], agent.device)
-    response_ids = rollout.generate(agent.policy, inputs, processor.tokenizer.pad_token_id, args.max_new_tokens,
-                                    args.temperature)
+    inputs = rollout.prompt_inputs(processor, [e.frames for e in runner.episodes],
+                                   [env.prompt() for env in runner.envs], agent.device)
+    response_ids = rollout.generate(agent.policy, inputs, processor.tokenizer.pad_token_id,
+                                    rollout.Sampling(args.temperature, args.max_new_tokens))
     mask = rollout.response_mask(response_ids, torch.tensor(agent.eos_token_ids, device=agent.device))
     cpu = copy.deepcopy(agent.policy).float().cpu()
     head = copy.deepcopy(agent.value_head).float().cpu()
@@ -152,7 +155,8 @@ def device_check(agent, processor, runner, args, env_id):
     kl = (ref.exp() * (ref - gpu)).sum(-1)[keep]  # per response token
     finite = torch.isfinite(gpu) & torch.isfinite(ref)
     return dict(max_logprob_difference_vs_cpu=(gpu - ref).where(finite, 0).abs().amax(-1)[keep].max().item(),
-                mean_kl_cpu_gpu=kl.mean().item(), max_value_difference_vs_cpu=(values[0] - values[1]).abs().max().item(),
+                mean_kl_cpu_gpu=kl.mean().item(),
+                max_value_difference_vs_cpu=(values[0] - values[1]).abs().max().item(),
                 caption_accuracy=tiny_vlm.caption_accuracy(agent.policy, processor, env_id, num_frames=100))
 
 
@@ -167,12 +171,13 @@ def cross_check(rollout_device, a):
     import numpy as np
     import torch
 
+    import config
     import envs
     import rollout
     import vldac
 
     torch.set_num_threads(1)
-    args = vldac.resolve_args(vldac.Args(seed=a.seed, bf16=False, static_cache=False, cuda=rollout_device == "cuda"))
+    args = config.resolve_args(vldac.Args(seed=a.seed, bf16=False, static_cache=False, cuda=rollout_device == "cuda"))
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     agent, processor = vldac.make_agent(args, torch.device(rollout_device))
@@ -183,7 +188,8 @@ def cross_check(rollout_device, a):
         if iteration < 3:
             vldac.update(agent, optimizer, batch, advantages, returns, args, processor.tokenizer, value_warmup=True)
     logprobs = torch.cat(batch.logprobs)
-    result = dict(variant=f"cross:{rollout_device}", iteration=3, unlikely_rollout_tokens=(logprobs < -5).float().mean().item(),
+    result = dict(variant=f"cross:{rollout_device}", iteration=3,
+                  unlikely_rollout_tokens=(logprobs < -5).float().mean().item(),
                   tokens=len(logprobs), parse_failure_rate=batch.parse_failures / len(batch.steps))
     for name, device in (("cpu", "cpu"), ("cuda", "cuda" if torch.cuda.is_available() else "cpu")):
         copy_ = copy.deepcopy(agent).to(device)
@@ -201,6 +207,7 @@ def run_worker(spec, a):
     import numpy as np
     import torch
 
+    import config
     import envs
     import rollout
     import vldac
@@ -208,7 +215,7 @@ def run_worker(spec, a):
     precision, attention = spec.split(":")
     torch.set_num_threads(1)  # several variants share the machine's cores
     device = torch.device("cpu" if a.cpu else "cuda")
-    args = vldac.resolve_args(vldac.Args(seed=a.seed, bf16=precision != "fp32", static_cache=False, cuda=not a.cpu))
+    args = config.resolve_args(vldac.Args(seed=a.seed, bf16=precision != "fp32", static_cache=False, cuda=not a.cpu))
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     agent, processor = vldac.make_agent(args, device)
@@ -247,19 +254,21 @@ if __name__ == "__main__":
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
-    specs = [(spec, seed) for seed in a.seeds for spec in a.variants + (["cross:cpu"] + ["cross:cuda"] * (not a.cpu)) * a.cross]
+    specs = [(spec, seed) for seed in a.seeds
+             for spec in a.variants + (["cross:cpu"] + ["cross:cuda"] * (not a.cpu)) * a.cross]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     workers = {}
     for spec, seed in specs:
         name = f"{spec.replace(':', '_')}_seed{seed}"
         flags = ["--iterations", str(a.iterations), "--seed", str(seed)] + (["--cpu"] if a.cpu else [])
-        workers[(spec, seed)] = subprocess.Popen([sys.executable, __file__, "--worker", spec, *flags], cwd=ROOT,
-                                                 env=env, stdout=subprocess.PIPE, stderr=open(out / f"{name}.err", "w"),
-                                                 text=True)
+        workers[(spec, seed)] = subprocess.Popen([sys.executable, "-m", "benchmarks.gpu_check", "--worker", spec,
+                                                  *flags], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                                 stderr=open(out / f"{name}.err", "w"), text=True)
     quickstart = None
     if a.quickstart_seconds:  # the README's quick start as a user runs it on a GPU (no evaluation episodes)
         command = [sys.executable, "vldac.py", "--env-id", "gym_cards/NumberLine-v0", "--eval-episodes", "0",
-                   "--exp-name", "gpu_check", "--seed", str(a.seed), *a.quickstart_args] + (["--no-cuda"] if a.cpu else [])
+                   "--exp-name", "gpu_check", "--seed", str(a.seed),
+                   *a.quickstart_args] + (["--no-cuda"] if a.cpu else [])
         quickstart = subprocess.Popen(["timeout", str(a.quickstart_seconds), *command], cwd=ROOT,
                                       stdout=open(out / "quickstart.log", "w"), stderr=subprocess.STDOUT)
     results = []
@@ -280,7 +289,8 @@ if __name__ == "__main__":
             elif r["iteration"] == 0:
                 print(f"{label:<20} sampling: generate's logits vs the scoring forward's: largest difference "
                       f"{r['max_logit_difference']:.4f}; sampled tokens with log-prob < -5: "
-                      f"{r['unlikely_tokens']:.4f} of {r['tokens']} (expected {r['unlikely_expected']:.4f})", flush=True)
+                      f"{r['unlikely_tokens']:.4f} of {r['tokens']} (expected {r['unlikely_expected']:.4f})",
+                      flush=True)
                 if "caption_accuracy" in r:
                     print(f"{label:<20} vs an fp32 copy on the CPU: log-prob difference up to "
                           f"{r['max_logprob_difference_vs_cpu']:.4f}, mean KL {r['mean_kl_cpu_gpu']:.2e}, value up to "
@@ -292,7 +302,8 @@ if __name__ == "__main__":
                       f"update {r['kl_ref']:.4f} | clipfrac {r['clipfrac']:.3f} parse_fail "
                       f"{r['parse_failure_rate']:.2f} success {r['success_rate']} ({r['seconds']:.1f} s)", flush=True)
         if worker.returncode:
-            print(f"{label} failed (exit {worker.returncode}); see {out / (spec.replace(':', '_') + f'_seed{seed}.err')}")
+            print(f"{label} failed (exit {worker.returncode}); "
+                  f"see {out / (spec.replace(':', '_') + f'_seed{seed}.err')}")
     (out / "results.json").write_text(json.dumps(results, indent=1))
     if quickstart is not None:
         quickstart.wait()

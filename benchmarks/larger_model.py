@@ -1,7 +1,7 @@
 """The same code on a larger, config-built Qwen2-VL: the Qwen2-VL-2B-Instruct layout (its published config:
 hidden 1536, intermediate 8960, 12 heads / 2 KV heads, vocab 151936, vision 1280 wide with 16 heads, patch 14,
 merge 2; LAYOUTS also holds the 7B's) at reduced depth, random weights, LoRA r16, a few updates of vldac.py on CPU.
-Usage: python benchmarks/larger_model.py [--text-layers 2] [--vision-depth 2] [--full-depth]
+Usage: python -m benchmarks.larger_model [--text-layers 2] [--vision-depth 2] [--full-depth]
 (--full-depth: all 28 text layers and 32 vision blocks, the real 2B architecture: for a GPU)."""
 import argparse
 import subprocess
@@ -13,10 +13,9 @@ from pathlib import Path
 import torch
 from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import tiny_vlm  # noqa: E402
+import tiny_vlm
 
+ROOT = Path(__file__).resolve().parents[1]
 
 # The published configs of Qwen2-VL-2B-Instruct and Qwen2-VL-7B-Instruct (text model; the vision tower is the same
 # 32 x 1280 ViT, its merger projecting to the text width).

@@ -1,10 +1,10 @@
 """Does RL learn on every env with the tiny model? VL-DAC as shipped (`python vldac.py --env-id ENV`, tiny
 defaults), env x seed, each run to a fixed env-step budget (BUDGETS: about 30 minutes of one core each).
 Writes a markdown table to OUT/learning.md (default docs/learning.md) and prints it. Run:
-    python benchmarks/learning.py                                   # every env, seeds 1 2 3 (about 12 h of one core)
-    python benchmarks/learning.py --envs MiniWorld-OneRoom-v0 MiniWorld-Hallway-v0 --jobs 2
-    python benchmarks/learning.py --envs gym_cards/Blackjack-v0 --seeds 1 --total-timesteps 512 --out /tmp/learn
-    python benchmarks/learning.py --envs MiniWorld-OneRoom-v0 --variants vldac-shaped --total-timesteps 6144
+    python -m benchmarks.learning                                   # every env, seeds 1 2 3 (about 12 h of one core)
+    python -m benchmarks.learning --envs MiniWorld-OneRoom-v0 MiniWorld-Hallway-v0 --jobs 2
+    python -m benchmarks.learning --envs gym_cards/Blackjack-v0 --seeds 1 --total-timesteps 512 --out /tmp/learn
+    python -m benchmarks.learning --envs MiniWorld-OneRoom-v0 --variants vldac-shaped --total-timesteps 6144
 Resumable: runs go through benchmarks/ablations.py's run_one (default variant `vldac`; --variants picks others from
 its VARIANTS, e.g. `vldac-shaped`, the diagnostic with MiniWorld's reward shaping), so a finished run is never redone.
 
@@ -33,8 +33,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ablations import ROOT, VARIANTS, child_env, hardware, moving_average, run_one, tiny_model_name  # noqa: E402
+from benchmarks.ablations import ROOT, VARIANTS, child_env, hardware, moving_average, run_one, tiny_model_name
 
 # env steps per run: about 30 minutes of one core at the tiny model's speed on each env (measured SPS x 1800 s)
 BUDGETS = {
@@ -100,7 +99,6 @@ def blackjack_return(p_hit=None):
 # ---------------------------------------------------------------- the base model, before RL
 def base_report(env_id, episodes=200):
     """Caption accuracy, parse failures and a random policy's success/return on env_id (a child process)."""
-    sys.path.insert(0, str(ROOT))
     import numpy as np
 
     import envs
@@ -136,8 +134,8 @@ def base_reports(out, env_ids):
     known = json.loads(path.read_text()) if path.exists() else {}
     for env_id in env_ids:
         if known.get(env_id, {}).get("model") != tiny_model_name(env_id):
-            done = subprocess.run([sys.executable, __file__, "--base", env_id], env=child_env(), capture_output=True,
-                                  text=True, check=True)
+            done = subprocess.run([sys.executable, "-m", "benchmarks.learning", "--base", env_id], env=child_env(),
+                                  capture_output=True, text=True, check=True)
             known[env_id] = json.loads(done.stdout.strip().splitlines()[-1])
             path.write_text(json.dumps(known, indent=1))
     return known
@@ -230,7 +228,7 @@ def main():
         f"{len(results)}/{len(todo)} runs finished; this invocation took {(time.time() - start) / 60:.0f} min, the "
         f"runs {sum(r['wall_s'] for r in results) / 60:.0f} min summed (runs done earlier are reused; {args.jobs} at a "
         f"time, OMP_NUM_THREADS=1 each). Hardware: {hardware()}.",
-        f"Command: python benchmarks/learning.py {' '.join(sys.argv[1:])}"])
+        f"Command: python -m benchmarks.learning {' '.join(sys.argv[1:])}"])
     args.report.parent.mkdir(parents=True, exist_ok=True)
     args.report.write_text(text + "\n")
     print(text + f"\n\nwritten to {args.report}")

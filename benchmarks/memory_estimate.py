@@ -2,22 +2,27 @@
 to 256 tokens) for the backbones in docs/backbones.md: an ESTIMATE. Parameters are counted exactly, from each
 published config built on the meta device (no weights, no download), LoRA on the modules vlm.LORA_TARGETS picks;
 activation memory per token is fitted to one H100 measurement (the 7B layout) and checked against another (the 2B
-layout at micro-batch 32). Usage: python benchmarks/memory_estimate.py [--micro-batch-size 4]"""
+layout at micro-batch 32). Usage: python -m benchmarks.memory_estimate [--micro-batch-size 4]"""
 import argparse
 import functools
 import re
-import sys
 from pathlib import Path
 
 import torch
-from transformers import (Gemma3Config, Gemma3ForConditionalGeneration, Qwen2_5_VLConfig,
-                          Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig, Qwen2VLForConditionalGeneration)
+from transformers import (
+    Gemma3Config,
+    Gemma3ForConditionalGeneration,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+)
+
+import vldac
+import vlm
+from benchmarks import larger_model
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
-import larger_model  # noqa: E402
-import vldac  # noqa: E402
-import vlm  # noqa: E402
 
 MiB = 2**20
 LORA_R, MICRO, ENVS, ANSWER = 16, 4, 16, 256  # the paper's defaults (Table 6) and vldac.py's max_new_tokens

@@ -10,8 +10,8 @@ step's action as its one "token", the clipped value loss, the k3 KL to the initi
 pixels: a lower bound on the env steps that learning this task from this reward takes, for a learner that never
 misreads a frame and has 40 policy weights to fit instead of millions. The flags, named as vldac.py's, change the
 update's settings (docs/perfect_perception.md has a sweep of them). Writes OUT/perfect_perception.md:
-    python benchmarks/perfect_perception.py                      # OneRoom and Hallway, seeds 1-5, 49,152 steps
-    python benchmarks/perfect_perception.py --envs MiniWorld-OneRoom-v0 --seeds 1 --total-timesteps 2048 --out /tmp/pp
+    python -m benchmarks.perfect_perception                      # OneRoom and Hallway, seeds 1-5, 49,152 steps
+    python -m benchmarks.perfect_perception --envs MiniWorld-OneRoom-v0 --seeds 1 --total-timesteps 2048 --out /tmp/pp
 """
 import argparse
 import math
@@ -24,10 +24,8 @@ from types import SimpleNamespace
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ablations import ROOT, hardware  # noqa: E402
+from benchmarks.ablations import ROOT, hardware
 
-sys.path.insert(0, str(ROOT))
 WHERE = ["straight ahead", "ahead left", "ahead right"]
 CAPTIONS = ["no red box in view"] + [f"red box {w}, {d}" for w in WHERE for d in ("near", "mid", "far")]
 WINDOW = 30  # episodes in the moving success rate that must reach the target
@@ -114,9 +112,10 @@ def rate(ends, lo, hi):
 
 
 def main():
+    import config
     import vldac  # the defaults below are its own: the tiny defaults, MiniWorld's GAE settings, its clip
 
-    tiny, gae = vldac.TINY_DEFAULTS, vldac.GAE_DEFAULTS["MiniWorld"]
+    tiny, gae = config.TINY_DEFAULTS, config.GAE_DEFAULTS["MiniWorld"]
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0] + " A tabular policy on the true scene "
                                      "caption, trained with vldac.py's update; writes OUT/perfect_perception.md.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -164,9 +163,9 @@ def main():
              f"warm-up ({args.value_warmup_iters} iterations), {args.num_envs} envs x {args.num_steps} steps, "
              f"{args.update_epochs} epochs of minibatches of {args.minibatch_size}, clip {args.clip_coef}, KL beta "
              f"{args.kl_beta}, lambda {args.gae_lambda}{'' if args.norm_adv else ', advantages not normalised'}, Adam "
-             f"at {args.learning_rate} with a cosine to a tenth over the run. No pixels, no language model: how many env "
-             "steps the paper's sparse reward asks for from a uniformly random start (`benchmarks/perfect_perception.py`"
-             " has the details).", "",
+             f"at {args.learning_rate} with a cosine to a tenth over the run. No pixels, no language model: how many "
+             "env steps the paper's sparse reward asks for from a uniformly random start "
+             "(`benchmarks/perfect_perception.py` has the details).", "",
              "| env | seed | success by quarter of the env steps (episodes that ended) | success around "
              f"{args.budget:,} env steps (the last {WINDOW} episodes before) | env steps at which the success "
              f"rate of the last {WINDOW} episodes first reaches 0.9 |", "|---|---|---|---|---|"]
@@ -187,7 +186,7 @@ def main():
     minutes = (time.time() - start) / 60
     lines += ["", *summary, "",
               f"{len(grid)} runs of {total:,} env steps, {args.jobs} at a time, in {minutes:.0f} min. Hardware: "
-              f"{hardware()}.", "Command: python benchmarks/perfect_perception.py " + " ".join(sys.argv[1:])]
+              f"{hardware()}.", "Command: python -m benchmarks.perfect_perception " + " ".join(sys.argv[1:])]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "perfect_perception.md").write_text("\n".join(lines) + "\n")

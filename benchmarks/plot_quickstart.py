@@ -1,16 +1,16 @@
 """The quick start's learning curve: charts/success_rate against env steps for each seed that
 benchmarks/quickstart_robustness.py ran from one model (runs named *__quickstart__SEED__*, anywhere under --runs),
 their mean, and the random policy's 0.611.
-Usage: python benchmarks/plot_quickstart.py [--runs runs/robustness/models-tiny-numberline] [--out FILE.png]"""
+Usage: python -m benchmarks.plot_quickstart [--runs runs/robustness/models-tiny-numberline] [--out FILE.png]"""
 import argparse
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")  # no display needed
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 RANDOM_POLICY = 0.611  # NumberLine, exact by dynamic programming (test_number_line_random_policy_success_rate)
 

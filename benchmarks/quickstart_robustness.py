@@ -4,9 +4,9 @@ env steps (and minutes) at which the success rate, averaged over 3 iterations, f
 the episodes that ended in the last quarter of the env steps; the 50 greedy evaluation episodes that end the run
 (Wilson 95% interval); the caption probe (200 held-out frames) of the model before and after RL. Resumable: a run
 whose log holds its evaluation is not redone. Runs as child processes with one thread each, --jobs at a time.
-    python benchmarks/quickstart_robustness.py --models models/tiny-numberline --seeds 1 2 3 4 5 --jobs 2
+    python -m benchmarks.quickstart_robustness --models models/tiny-numberline --seeds 1 2 3 4 5 --jobs 2
     python tiny_vlm.py --build numberline --seed 1 --out runs/builds/seed1      # another build to try it on
-    python benchmarks/quickstart_robustness.py --models runs/builds/seed1/tiny-numberline --seeds 1 2
+    python -m benchmarks.quickstart_robustness --models runs/builds/seed1/tiny-numberline --seeds 1 2
 """
 import argparse
 import json
@@ -37,9 +37,9 @@ def train(model, seed, out, extra):
         return
     work.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as f:
-        subprocess.run([sys.executable, str(ROOT / "vldac.py"), "--env-id", ENV_ID, "--model-id", str(Path(model).resolve()),
-                        "--seed", str(seed), "--exp-name", "quickstart", *extra], cwd=work, stdout=f,
-                       stderr=subprocess.STDOUT, env=child_env(), check=False)
+        subprocess.run([sys.executable, str(ROOT / "vldac.py"), "--env-id", ENV_ID,
+                        "--model-id", str(Path(model).resolve()), "--seed", str(seed), "--exp-name", "quickstart",
+                        *extra], cwd=work, stdout=f, stderr=subprocess.STDOUT, env=child_env(), check=False)
 
 
 def caption(model):

@@ -13,7 +13,7 @@ generate, scoring forward (log-probs + value, rollout and update), reference for
 rollout.collate), env steps (step, reset), everything else (losses, statistics, decoding, GAE, ...).
 Time it on an otherwise idle machine: with other processes on the cores, 2 OpenMP threads make every small
 batch-1 op wait for a descheduled thread (measured: up to 10x slower); --threads 1 is the robust fallback.
-Usage: python benchmarks/speed.py [--env-steps 256] [--configs authors ours] [--markdown] [--model 2b]
+Usage: python -m benchmarks.speed [--env-steps 256] [--configs authors ours] [--markdown] [--model 2b]
 """
 import argparse
 import dataclasses
@@ -29,7 +29,6 @@ from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 PRESETS = {"authors": "1:128:1", "ours": "16:64:32"}  # ENVS:MINIBATCH:MICRO
 PARTS = ["generate", "scoring forward", "reference forward", "backward + optimizer", "processor / images",
          "env steps", "everything else"]
@@ -50,7 +49,8 @@ parser.add_argument("--vision-depth", type=int, default=2, help="--model 2b/7b: 
 parser.add_argument("--full-depth", action="store_true", help="--model 2b/7b: all 28 text layers, 32 vision blocks")
 parser.add_argument("--static-cache", action=argparse.BooleanOptionalAction, default=None,
                     help="vldac.py --static-cache (default: as vldac.py, on with --cuda and LoRA)")
-parser.add_argument("--merge-lora-rollout", action="store_true", help="decode with the adapter merged (vldac.py's flag)")
+parser.add_argument("--merge-lora-rollout", action="store_true",
+                    help="decode with the adapter merged (vldac.py's flag)")
 parser.add_argument("--max-new-tokens", type=int, default=None, help="default: the model's (tiny 48, 2b 256)")
 parser.add_argument("--seed", type=int, default=1, help="seed of envs, sampling and weights")
 parser.add_argument("--env-id", default="gym_cards/NumberLine-v0", help="the env the rollout plays")
@@ -70,17 +70,19 @@ def run_worker(a):
     import numpy as np
     import torch
 
+    import config
     import envs
     import rollout
     import vldac
 
     num_envs, num_steps, minibatch, micro = shape(a.worker, a.env_steps)
     torch.set_num_threads(a.threads)
-    args = vldac.resolve_args(vldac.Args(  # a layout is no tiny model: the paper's defaults (LoRA r16)
+    args = config.resolve_args(vldac.Args(  # a layout is no tiny model: the paper's defaults (LoRA r16)
         model_id="tiny" if a.model == "tiny" else f"{a.model}-layout", env_id=a.env_id, seed=a.seed, cuda=a.cuda,
         static_cache=a.static_cache, merge_lora_rollout=a.merge_lora_rollout, num_envs=num_envs,
         num_steps=num_steps, total_timesteps=num_envs * num_steps, minibatch_size=minibatch,
-        micro_batch_size=micro, update_epochs=a.update_epochs, max_new_tokens=a.max_new_tokens))
+        micro_batch_size=micro, update_epochs=a.update_epochs,
+        max_new_tokens=a.max_new_tokens), built=a.model != "tiny")
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     device = torch.device("cuda" if a.cuda and torch.cuda.is_available() else "cpu")
@@ -98,7 +100,7 @@ def run_worker(a):
     runner = rollout.EnvRunner(env_list, args.seed)
     # Warm-up, not timed: one rollout step (the static cache compiles) and one update on it (on a freshly started
     # GPU machine the first process's update ran 2.6x slower than the next process's).
-    warm = runner.collect(agent, processor, 1, args.temperature, args.max_new_tokens)
+    warm = runner.collect(agent, processor, 1)
     advantages, returns = vldac.compute_gae(warm.rewards, warm.values, warm.terminated, warm.truncated,
                                             warm.bootstrap_values, warm.last_values, args.gamma, args.gae_lambda)
     vldac.update(agent, optimizer, warm, advantages, returns, dataclasses.replace(args, update_epochs=1),
@@ -152,7 +154,7 @@ def run_worker(a):
     # One iteration: rollout, GAE, advantage normalisation, PPO epochs (the policy update, not the warm-up).
     sync()
     start = time.perf_counter()
-    batch = runner.collect(agent, processor, args.num_steps, args.temperature, args.max_new_tokens)
+    batch = runner.collect(agent, processor, args.num_steps)
     rollout_seconds = time.perf_counter() - start
     advantages, returns = vldac.compute_gae(batch.rewards, batch.values, batch.terminated, batch.truncated,
                                             batch.bootstrap_values, batch.last_values, args.gamma, args.gae_lambda)
@@ -197,9 +199,10 @@ if __name__ == "__main__":
         sys.exit(0)
     load_before, results = os.getloadavg()[0], []  # the machine's load: other processes distort the timings
     for spec in a.configs:
-        command = [sys.executable, __file__, "--worker", spec, "--env-steps", str(a.env_steps), "--update-epochs",
-                   str(a.update_epochs), "--threads", str(a.threads), "--seed", str(a.seed), "--env-id", a.env_id,
-                   "--model", a.model, "--text-layers", str(a.text_layers), "--vision-depth", str(a.vision_depth)]
+        command = [sys.executable, "-m", "benchmarks.speed", "--worker", spec, "--env-steps", str(a.env_steps),
+                   "--update-epochs", str(a.update_epochs), "--threads", str(a.threads), "--seed", str(a.seed),
+                   "--env-id", a.env_id, "--model", a.model, "--text-layers", str(a.text_layers),
+                   "--vision-depth", str(a.vision_depth)]
         command += (["--cuda"] if a.cuda else []) + (["--full-depth"] if a.full_depth else [])
         command += [] if a.static_cache is None else ["--static-cache" if a.static_cache else "--no-static-cache"]
         command += ["--merge-lora-rollout"] if a.merge_lora_rollout else []

@@ -1,7 +1,7 @@
 """Torch CPU threads on an idle and on a busy machine: the quick start, shortened, with --threads 1 and with
 torch's default (one per core), while 0, 1 or 2 other processes keep a core busy each (a laptop doing
 something else). Prints wall seconds and env steps/s per cell, as a markdown table.
-Usage: python benchmarks/threads.py [--total-timesteps 512] [--busy 0 1 2] [--threads 1 2]"""
+Usage: python -m benchmarks.threads [--total-timesteps 512] [--busy 0 1 2] [--threads 1 2]"""
 import argparse
 import os
 import re

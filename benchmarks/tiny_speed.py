@@ -1,18 +1,15 @@
 """Speed of the cached tiny VLM on this machine: one scoring forward and one generate on NumberLine prompts
 (what a rollout step does), per batch size, in ms per call and per row. Batch 1 against 16 shows what
 batching can gain on this hardware (benchmarks/speed.py, README "Performance").
-Usage: python benchmarks/tiny_speed.py [--batch-sizes 1 16]"""
+Usage: python -m benchmarks.tiny_speed [--batch-sizes 1 16]"""
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import envs  # noqa: E402
-import rollout  # noqa: E402
-import tiny_vlm  # noqa: E402
+import envs
+import rollout
+import tiny_vlm
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16], help="prompts per call, one timing each")

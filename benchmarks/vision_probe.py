@@ -1,18 +1,15 @@
 """Why the tiny model uses "ink" normalisation (white = 0): train the tiny vision tower + a linear read-out
 of its flattened features to name NumberLine's two digits, with CLIP's normalisation and with ours.
 Prints the relative between-image variation of the features at initialisation and the probe's accuracy.
-Usage: python benchmarks/vision_probe.py [--steps 300]"""
+Usage: python -m benchmarks.vision_probe [--steps 300]"""
 import argparse
-import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import envs  # noqa: E402
-import tiny_vlm  # noqa: E402
+import envs
+import tiny_vlm
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--steps", type=int, default=300, help="training steps of the linear read-out, per normalisation")
@@ -52,6 +49,7 @@ for name, norm in [("CLIP mean/std", CLIP), ("ink (white = 0)", dict(image_mean=
     with torch.no_grad():
         feats, targets = batch(200)
         logits = probe(feats)
-        accuracy = ((logits[:, :6].argmax(1) == targets[:, 0]) & (logits[:, 6:].argmax(1) == targets[:, 1])).float().mean()
+        accuracy = ((logits[:, :6].argmax(1) == targets[:, 0])
+                    & (logits[:, 6:].argmax(1) == targets[:, 1])).float().mean()
     print(f"{name:16s}: between-image std / feature std at init {spread:.3f}; "
           f"both digits right after {a.steps} steps: {accuracy:.2f} (chance 1/36)")
