@@ -1715,6 +1715,35 @@ def test_ctrl_c_checkpoints_the_iteration_and_resume_finishes(tiny_dir, tmp_path
     assert f"iter {stopped['args']['num_iterations']}/" in result.stdout
 
 
+def test_a_second_signal_while_the_checkpoint_is_written_keeps_the_previous_one(tmp_path):
+    """The first Ctrl-C asks for a checkpoint; a second one while it is being written exits at once: the previous
+    checkpoint stays whole and no half-written file is left beside it."""
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(b"the previous checkpoint")
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    stop = checkpoint.StopOnSignal()
+    agent = types.SimpleNamespace(named_parameters=lambda: [])
+    optimizer = types.SimpleNamespace(state_dict=dict)
+    real_save = torch.save
+
+    def interrupted_save(state, f):  # a few bytes written, then the second Ctrl-C arrives
+        f.write(b"half")
+        stop.handle(signal.SIGINT, None)
+
+    try:
+        stop.handle(signal.SIGINT, None)
+        assert stop.requested()
+        torch.save = interrupted_save
+        with pytest.raises(SystemExit) as exit_info:
+            checkpoint.save_checkpoint(path, agent, optimizer, [], vldac.Args(), "run", 1, 10)
+    finally:
+        torch.save = real_save
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+    assert exit_info.value.code == 130 and path.read_bytes() == b"the previous checkpoint"
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+
+
 # ---- distributed.py: torchrun over 2 gloo processes on the CPU ----
 
 DDP_WORKER = """
