@@ -2628,6 +2628,36 @@ def test_ablation_learning_curves(tmp_path):
     assert Image.open(path).size[0] > 500
 
 
+def test_ablation_paper_grid_counts_episodes(tmp_path):
+    """benchmarks/ablations.py --grid paper: its cells in priority order; success pooled over the episodes that
+    ended (train.log's counts: a MiniWorld iteration ends one or two), standard errors over seeds, the transfer cache
+    refusing an interrupted evaluation."""
+    sys.path.insert(0, str(HERE / "benchmarks"))
+    import ablations
+
+    cells = ablations.GRIDS["paper"]
+    assert len(cells) == len(set(cells)) == 17 and all(v in ablations.VARIANTS for _, v in cells)
+    assert cells[:4] == [("MiniWorld-OneRoom-v0", v) for v in ("vldac", "rl4vlm-published-0.35",
+                                                                "rl4vlm-published-0.5", "loop")]
+    assert cells[-1] == ("MiniWorld-OneRoom-v0", "vldac-no-kl")
+    (tmp_path / "train.log").write_text("".join(
+        f"iter {i}/4 steps {128 * i} SPS 5.0 | success {s:.2f} return 0.1 ({n} episodes) parse_fail 0.00 | x\n"
+        for i, s, n in [(1, 1.0, 1), (2, 0.0, 15), (3, 0.5, 2), (4, 0.75, 4)]))
+    steps = [128, 256, 384, 512]
+    run = dict(steps=steps, success=[1.0, 0.0, 0.5, 0.75], episodes=ablations.episode_counts(tmp_path, steps),
+               command=["vldac.py", "--total-timesteps", "512"])
+    assert run["episodes"] == [1, 15, 2, 4]
+    # the trailing 3 iterations hold >= 16 episodes from the third on: (1 + 0 + 1) / 18, (0 + 1 + 3) / 21
+    assert ablations.smoothed(run) == [None, None, pytest.approx(2 / 18), pytest.approx(4 / 21)]
+    assert ablations.last_quarter(run) == (3, 4) and ablations.steps_to(run, 0.9) is None
+    assert ablations.mean_se([0.5, 1.0]) == "0.75 +- 0.25" and ablations.mean_se([0.5]) == "0.50"
+    record = dict(env_id=ablations.TRANSFER_ENVS[0], num_episodes=2)
+    (tmp_path / "transfer.json").write_text(json.dumps(dict(records=[record])))  # one env of three: interrupted
+    assert ablations.transfer_records(tmp_path / "transfer.json", ablations.TRANSFER_ENVS, 2) is None
+    assert ablations.transfer_records(tmp_path / "transfer.json", ablations.TRANSFER_ENVS[:1], 2) == {
+        record["env_id"]: record}
+
+
 def test_baseline_and_ablation_switches_smoke_run(tiny_dir, tmp_path):
     """RL4VLM's loss, no warm-up, no stop-gradient and no KL together, through the script."""
     flags = [*SMOKE[: SMOKE.index("--value-warmup-iters")], "--no-save-model"]

@@ -1,26 +1,38 @@
 """Ablations on the tiny model: VL-DAC against RL4VLM (its policy loss with VL-DAC's stabilisers, as published,
 and the ladder in between) and LOOP, and VL-DAC without each of its stabilisers. Runs variants x envs x seeds of
-`python vldac.py`, --jobs at a time with one thread each, then writes a markdown table to OUT/results.md and a
-learning-curve PNG per env to OUT/ENV.png (mean over seeds, +- std band, one line per variant), and prints it. Run:
+`python vldac.py` (or, with --grid paper, the paper's comparison in miniature: GRIDS), --jobs at a time with one
+thread each, then writes a markdown table to OUT/results.md and a learning-curve PNG per env to OUT/ENV.png (mean
+over seeds, +- standard error band, one line per variant), and prints it. Run:
     python -m benchmarks.ablations                                          # the full benchmark
     python -m benchmarks.ablations --total-timesteps 256 --seeds 1 --variants vldac rl4vlm-0.5 --out /tmp/abl
+    python -m benchmarks.ablations --grid paper --jobs 2 --max-minutes 600 --transfer --figures docs/ablations
 Resumable: a run whose result.json was written by the same command is skipped, so an interrupted benchmark
-continues where it stopped. Each run lives in OUT/{env}/{variant}/seed{S}/: train.log (stdout), runs/
-(TensorBoard; vldac.py runs with that directory as its working directory), model/, result.json.
+continues where it stopped; --max-minutes M starts no new run (nor transfer evaluation) after M minutes, then
+reports every result on disk for the selected cells and how many runs remain. Each run lives in
+OUT/{env}/{variant}/seed{S}/: train.log (stdout), runs/ (TensorBoard; vldac.py runs with that directory as its
+working directory), model/, result.json (and transfer.json with --transfer).
 
-Per env and variant, over seeds (mean +- sample std), from `charts/success_rate` per iteration:
-- final success: mean of the last 4 iterations;
-- peak success: the maximum of the 3-iteration moving average;
-- env steps to target: the first iteration whose 3-iteration moving average (that iteration and the two
-  before it) reaches --target, as env steps; mean over the seeds that reached it, and how many did;
+Per env and variant, over seeds (mean +- standard error), from `charts/success_rate` per iteration weighted by the
+number of episodes that ended in it (train.log's `(N episodes)`: MiniWorld ends one or two episodes per iteration,
+so a plain average over iterations would weigh one episode as much as sixteen):
+- final success: over the episodes that ended in the last 4 iterations;
+- peak success: the maximum of the smoothed curve (smoothed(): the trailing 3 iterations, widened back until they
+  hold MIN_EPISODES episodes);
+- last quarter: over the episodes that ended in the last quarter of the run's env steps;
+- env steps to target: the first iteration whose smoothed success reaches --target, as env steps; mean over the
+  seeds that reached it, and how many did;
 - caption accuracy on the run's env (tiny_vlm.caption_accuracy) of the base model and of each trained model:
   does RL degrade image understanding?
+- cost: minutes per run (training, model loading included) and env steps/s (--total-timesteps / that wall time).
+--transfer: every model trained on TRANSFER_FROM, and the base model, played greedily with no further training on
+TRANSFER_ENVS (`python evaluate.py`, 50 episodes per env; its caption probe too), cached in the run's transfer.json.
 """
 import argparse
 import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -51,6 +63,20 @@ PAPER_VARIANTS = list(VARIANTS)
 VARIANTS.update(DIAGNOSTICS)
 # success rate to count "env steps to reach"; envs left out get no such column
 DEFAULT_TARGETS = {"gym_cards/NumberLine-v0": 0.9}
+# the paper's comparison in miniature: (env, variant) cells in priority order (runs start in this order)
+ROOMS = ("MiniWorld-OneRoom-v0", "MiniWorld-Hallway-v0")
+GRIDS = {"paper": [
+    *[(env, v) for env in ROOMS for v in ("vldac", "rl4vlm-published-0.35", "rl4vlm-published-0.5", "loop")],
+    *[("gym_cards/EZPoints-v0", v) for v in ("vldac", "rl4vlm-published-0.35", "loop")],
+    *[("MiniWorld-OneRoom-v0", v) for v in ("rl4vlm-0.5+warmup", "rl4vlm-0.5+warmup+stopgrad", "rl4vlm-0.5",
+                                            "vldac-no-warmup", "vldac-no-stopgrad", "vldac-no-kl")],
+]}
+GRID_STEPS, GRID_TARGET = 16_384, 0.9  # every cell the same env-step budget; target for every env of a grid
+# --transfer: models trained on TRANSFER_FROM play these with no further training (greedy, evaluate.py's default)
+TRANSFER_FROM = "MiniWorld-OneRoom-v0"
+TRANSFER_ENVS = ["MiniWorld-Hallway-v0", "MiniWorld-FourRooms-v0", "MiniWorld-WallGap-v0"]
+# smoothed(): a window of fewer episodes says little (a MiniWorld iteration ends one or two); 16 = one per env
+MIN_EPISODES = 16
 
 
 def probe(model_id, env_id):
@@ -91,22 +117,42 @@ def read_charts(run_dir, start):
     [log_dir] = [p.parent for p in (run_dir / "runs").glob("*/events.out.tfevents.*")]
     events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})  # 0: keep every point
     events.Reload()
-    success, returns = events.Scalars("charts/success_rate"), events.Scalars("charts/episodic_return")
+    logged = events.Tags()["scalars"]
+    scalars = lambda tag: events.Scalars(tag) if tag in logged else []  # a run that ended no episode logs none
+    success, returns = scalars("charts/success_rate"), scalars("charts/episodic_return")
     return dict(steps=[p.step for p in success], success=[p.value for p in success],
                 returns=[p.value for p in returns], seconds=[round(p.wall_time - start, 1) for p in success])
 
 
-def run_one(out, env_id, variant, seed, total_timesteps):
-    """Train one (env, variant, seed), probe its captions, write result.json; skip if already done."""
+def run_paths(out, env_id, variant, seed, total_timesteps):
+    """(run directory, vldac.py command) of one (env, variant, seed)."""
     run_dir = out / env_id.split("/")[-1] / variant / f"seed{seed}"
     cmd = [sys.executable, str(ROOT / "vldac.py"), "--env-id", env_id, "--seed", str(seed),
            "--exp-name", f"ablation-{variant}", "--total-timesteps", str(total_timesteps), "--save-model",
            "--save-dir", str(run_dir / "model"), "--eval-episodes", "0", *VARIANTS[variant]]
-    result_file, model = run_dir / "result.json", tiny_model_name(env_id)
-    if result_file.exists():
-        done = json.loads(result_file.read_text())
-        if done["command"] == cmd and done.get("model") == model:
-            return done
+    return run_dir, cmd
+
+
+def finished(out, env_id, variant, seed, total_timesteps):
+    """The saved result of a run made by this very command from this very tiny model, else None."""
+    run_dir, cmd = run_paths(out, env_id, variant, seed, total_timesteps)
+    if not (run_dir / "result.json").exists():
+        return None
+    done = json.loads((run_dir / "result.json").read_text())
+    if done["command"] != cmd or done.get("model") != tiny_model_name(env_id):
+        return None
+    if "episodes" not in done:  # a result written before episodes were kept: count them from its log
+        done["episodes"] = episode_counts(run_dir, done["steps"])
+    return done
+
+
+def run_one(out, env_id, variant, seed, total_timesteps, deadline=None):
+    """Train one (env, variant, seed), probe its captions, write result.json; skip if already done. Past the
+    deadline (time.time()) a run not yet done is not started: None."""
+    done = finished(out, env_id, variant, seed, total_timesteps)
+    if done or (deadline is not None and time.time() > deadline):
+        return done
+    run_dir, cmd = run_paths(out, env_id, variant, seed, total_timesteps)
     shutil.rmtree(run_dir, ignore_errors=True)  # a half-finished earlier attempt: start it again
     run_dir.mkdir(parents=True)
     start = time.time()
@@ -116,11 +162,71 @@ def run_one(out, env_id, variant, seed, total_timesteps):
         print(f"FAILED (exit {code}): {env_id} {variant} seed {seed}, see {run_dir / 'train.log'}", flush=True)
         return None
     wall = time.time() - start
-    result = dict(env_id=env_id, variant=variant, seed=seed, command=cmd, model=model, wall_s=round(wall, 1),
-                  **read_charts(run_dir, start), caption_after=run_probe(run_dir / "model", env_id))
-    result_file.write_text(json.dumps(result, indent=1))
+    charts = read_charts(run_dir, start)
+    result = dict(env_id=env_id, variant=variant, seed=seed, command=cmd, model=tiny_model_name(env_id),
+                  wall_s=round(wall, 1), **charts, episodes=episode_counts(run_dir, charts["steps"]),
+                  caption_after=run_probe(run_dir / "model", env_id))
+    (run_dir / "result.json").write_text(json.dumps(result, indent=1))
     print(f"done: {env_id} {variant} seed {seed} in {wall:.0f} s", flush=True)
     return result
+
+
+def episode_counts(run_dir, steps):
+    """Episodes that ended in each iteration of `steps` (env steps), from vldac.py's stdout (`... success X return Y
+    (N episodes) ...`); None without a log."""
+    log = run_dir / "train.log"
+    if not log.exists():
+        return None
+    line = re.compile(r"steps (\d+) SPS \S+ \| success \S+ return \S+ \((\d+) episodes\)")
+    counts = {int(m[1]): int(m[2]) for m in line.finditer(log.read_text())}
+    return [counts.get(step, 0) for step in steps]
+
+
+def weights(run):
+    """Episodes per logged iteration; one each for a run without counts (every iteration weighs the same)."""
+    return run.get("episodes") or [1] * len(run["success"])
+
+
+def pooled(run, first, last):
+    """(successes, episodes) over iterations first..last-1 (successes fractional for a run without counts)."""
+    counts = weights(run)[first:last]
+    return sum(s * n for s, n in zip(run["success"][first:last], counts)), sum(counts)
+
+
+def smoothed(run, window=3, min_episodes=MIN_EPISODES):
+    """Per logged iteration (None where undefined): the success over the episodes that ended in the trailing
+    `window` iterations (all of them in a shorter run), widened back until they hold min_episodes (None while fewer
+    have ended since the start). A run without episode counts: the plain moving average over `window` iterations."""
+    counts, window = run.get("episodes"), min(window, len(run["success"]))
+    need = min_episodes if counts else 1
+    curve = []
+    for i in range(len(run["success"])):
+        first = i - window + 1
+        while counts and first > 0 and pooled(run, first, i + 1)[1] < need:
+            first -= 1
+        wins, episodes = pooled(run, max(first, 0), i + 1)
+        curve.append(wins / episodes if first >= 0 and episodes >= need else None)
+    return curve
+
+
+def run_steps(run):
+    """The run's env-step budget (--total-timesteps)."""
+    return int(run["command"][run["command"].index("--total-timesteps") + 1])
+
+
+def last_quarter(run):
+    """(successes, episodes) that ended in the last quarter of the run's env steps; successes rounded to whole
+    episodes (the logged rate times the count)."""
+    keep = [i for i, step in enumerate(run["steps"]) if step > run_steps(run) * 3 / 4]
+    if not keep:
+        return 0, 0
+    wins, episodes = pooled(run, keep[0], keep[-1] + 1)
+    return round(wins) if run.get("episodes") else wins, episodes
+
+
+def steps_to(run, target):
+    """Env steps of the first iteration whose smoothed success reaches target; None if none does."""
+    return next((step for step, m in zip(run["steps"], smoothed(run)) if m is not None and m >= target), None)
 
 
 def moving_average(x, window=3):
@@ -128,52 +234,63 @@ def moving_average(x, window=3):
     return [sum(x[i - window + 1 : i + 1]) / window for i in range(window - 1, len(x))]
 
 
-def mean_std(values):
+def mean_se(values, digits=2):
+    """'mean +- standard error' over seeds (the sample std / sqrt(n)); one seed: its value."""
     if not values:
         return "-"
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.2f} +- {std:.2f}"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    se = statistics.stdev(values) / len(values) ** 0.5
+    return f"{statistics.mean(values):.{digits}f} +- {se:.{digits}f}"
 
 
-def table(results, envs, variants, targets, caption_before):
-    """One markdown row per (env, variant), aggregated over the seeds that finished; caption_before: {env id: the
-    base model's caption accuracy}."""
-    rows = ["| env | variant | seeds | final success | peak success | env steps to target | caption acc "
-            "before -> after | training wall per run |", "|" + "---|" * 8]
-    for env_id in envs:
-        target = targets.get(env_id)
-        for variant in variants:
-            runs = [r for r in results if r["env_id"] == env_id and r["variant"] == variant]
-            final = [statistics.mean(r["success"][-4:]) for r in runs if r["success"]]
-            peak = [max(moving_average(r["success"]) or r["success"]) for r in runs if r["success"]]
-            reach_cell = "no target"
-            if target is not None:  # env steps of the first iteration whose moving average reaches the target
-                reached = [next((r["steps"][i + 2] for i, m in enumerate(moving_average(r["success"])) if m >= target),
-                                None) for r in runs]
-                hits = [s for s in reached if s is not None]
-                where = f"{statistics.mean(hits):,.0f}" if hits else "never"
-                reach_cell = f">= {target}: {where} ({len(hits)}/{len(runs)} reached)"
-            after = [r["caption_after"] for r in runs]
-            caption = f"{caption_before[env_id]:.3f} -> {statistics.mean(after):.3f}" if after else "-"
-            wall = f"{statistics.mean(r['wall_s'] for r in runs):.0f} s" if runs else "-"
-            rows.append(f"| {env_id.split('/')[-1]} | {variant} | {len(runs)} | {mean_std(final)} | {mean_std(peak)} "
-                        f"| {reach_cell} | {caption} | {wall} |")
+def cell(results, env_id, variant):
+    """The finished runs of one (env, variant), by seed."""
+    runs = [r for r in results if r["env_id"] == env_id and r["variant"] == variant]
+    return sorted(runs, key=lambda r: r.get("seed", 0))
+
+
+def table(results, cells, targets, caption_before):
+    """One markdown row per (env, variant) cell, aggregated over the seeds that finished; caption_before: {env id:
+    the base model's caption accuracy}."""
+    rows = ["| env | variant | seeds | final success | peak success | last quarter: success (episodes) | env steps to "
+            "target | caption acc before -> after | minutes per run | env steps/s |", "|" + "---|" * 10]
+    for env_id, variant in cells:
+        runs, target = cell(results, env_id, variant), targets.get(env_id)
+        final = [w / n for w, n in (pooled(r, max(len(r["success"]) - 4, 0), len(r["success"])) for r in runs) if n]
+        peak = [max(m for m in smoothed(r) if m is not None) for r in runs if any(m is not None for m in smoothed(r))]
+        quarters = [last_quarter(r) for r in runs]
+        episodes = sum(n for _, n in quarters) if all(r.get("episodes") for r in runs) else "-"
+        quarter = f"{mean_se([w / n for w, n in quarters if n])} ({episodes})" if any(n for _, n in quarters) else "-"
+        reach = "no target"
+        if target is not None:
+            hits = [s for s in (steps_to(r, target) for r in runs) if s is not None]
+            where = f"{statistics.mean(hits):,.0f}" if hits else "never"
+            reach = f">= {target}: {where} ({len(hits)}/{len(runs)} reached)"
+        after = [r["caption_after"] for r in runs]
+        caption = f"{caption_before[env_id]:.3f} -> {statistics.mean(after):.3f}" if after else "-"
+        minutes = f"{statistics.mean(r['wall_s'] / 60 for r in runs):.1f}" if runs else "-"
+        sps = f"{statistics.mean(run_steps(r) / r['wall_s'] for r in runs):.1f}" if runs else "-"
+        rows.append(f"| {env_id.split('/')[-1]} | {variant} | {len(runs)} | {mean_se(final)} | {mean_se(peak)} "
+                    f"| {quarter} | {reach} | {caption} | {minutes} | {sps} |")
     return "\n".join(rows)
 
 
 def learning_curve(runs, points=60):
-    """(env steps (points,), mean (points,), std (points,)) over runs of each run's 3-iteration moving average of
-    the success rate, interpolated onto a grid up to the shortest run's last step (flat before its first point)."""
+    """(env steps (points,), mean (points,), standard error (points,)) over runs of each run's smoothed success
+    rate, interpolated onto a grid up to the shortest run's last step (flat before its first point)."""
     import numpy as np
 
-    grid = np.linspace(0, min(r["steps"][-1] for r in runs), points)
-    curves = np.array([np.interp(grid, r["steps"][2:], moving_average(r["success"])) for r in runs])
-    return grid, curves.mean(0), curves.std(0)
+    curves = [[(step, m) for step, m in zip(r["steps"], smoothed(r)) if m is not None] for r in runs]
+    grid = np.linspace(0, min(c[-1][0] for c in curves), points)
+    curves = np.array([np.interp(grid, *zip(*c)) for c in curves])
+    se = curves.std(0, ddof=1) / len(runs) ** 0.5 if len(runs) > 1 else np.zeros(points)
+    return grid, curves.mean(0), se
 
 
 def plot(results, env_id, variants, path, target=None):
     """One PNG per env: success rate against env steps, one line per variant, the mean over seeds of each seed's
-    3-iteration moving average (interpolated onto a common grid of env steps) with a +- std band."""
+    smoothed success (interpolated onto a common grid of env steps) with a +- standard error band."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed
@@ -181,16 +298,18 @@ def plot(results, env_id, variants, path, target=None):
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for variant in variants:
-        runs = [r for r in results if r["env_id"] == env_id and r["variant"] == variant and len(r["success"]) >= 3]
+        runs = [r for r in cell(results, env_id, variant) if any(m is not None for m in smoothed(r))]
         if not runs:
             continue
-        grid, mean, std = learning_curve(runs)
+        grid, mean, se = learning_curve(runs)
         (line,) = ax.plot(grid, mean, lw=1.5, label=f"{variant} ({len(runs)} seeds)")
-        ax.fill_between(grid, mean - std, mean + std, color=line.get_color(), alpha=0.15)
+        ax.fill_between(grid, mean - se, mean + se, color=line.get_color(), alpha=0.15)
     if target is not None:
         ax.axhline(target, color="grey", ls=":", lw=1)
-    ax.set(xlabel="env steps", ylabel="success rate (3-iteration mean)", ylim=(0, 1.02), title=env_id)
-    ax.legend(loc="best", fontsize=7)
+    ax.set(xlabel="env steps", ylabel=f"success (trailing 3+ iterations, >= {MIN_EPISODES} episodes)",
+           ylim=(0, 1.02), title=env_id)
+    if ax.get_legend_handles_labels()[0]:  # none while no variant has a point
+        ax.legend(loc="best", fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -215,57 +334,176 @@ def hardware():
     return f"{os.cpu_count()} CPUs ({cpu}), {platform.platform()}, Python {platform.python_version()}"
 
 
+def transfer_records(path, env_ids, episodes):
+    """{env id: evaluate.py's record} of a finished transfer file, else None (missing, another number of episodes,
+    or an interrupted evaluation: evaluate.py writes each row as it finishes)."""
+    if not path.exists():
+        return None
+    records = {r["env_id"]: r for r in json.loads(path.read_text())["records"] if r["num_episodes"] == episodes}
+    return records if all(env_id in records for env_id in env_ids) else None
+
+
+def run_transfer(model, path, episodes, deadline=None):
+    """evaluate.py on TRANSFER_ENVS for one model (greedy, caption probe on for tiny-based models) in a one-thread
+    child, its JSON at `path` (the cache); None past the deadline, or if it failed."""
+    done = transfer_records(path, TRANSFER_ENVS, episodes)
+    if done or (deadline is not None and time.time() > deadline):
+        return done
+    cmd = [sys.executable, str(ROOT / "evaluate.py"), "--model-ids", str(model), "--env-ids", *TRANSFER_ENVS,
+           "--num-episodes", str(episodes), "--output", str(path)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    with open(path.with_suffix(".log"), "w") as log:
+        code = subprocess.run(cmd, cwd=ROOT, env=child_env(), stdout=log, stderr=subprocess.STDOUT).returncode
+    if code != 0:
+        print(f"FAILED (exit {code}): transfer of {model}, see {path.with_suffix('.log')}", flush=True)
+        return None
+    print(f"done: transfer of {model} in {time.time() - start:.0f} s", flush=True)
+    return transfer_records(path, TRANSFER_ENVS, episodes)
+
+
+def transfer_table(base, trained, episodes):
+    """Markdown: per variant (the base model first) and env, success over seeds and caption accuracy vs the base
+    model's; base: {env: record}, trained: {variant: [{env: record} per seed]}."""
+    from evaluate import wilson_interval
+
+    rows = ["| model | env | seeds | success: mean over seeds (each seed's) | pooled: successes / episodes [95% "
+            "Wilson] | caption acc after (base) |", "|" + "---|" * 6]
+    for variant, per_seed in [("tiny (base, no RL)", [base] if base else []), *trained.items()]:
+        for env_id in TRANSFER_ENVS:
+            if not per_seed:
+                rows.append(f"| {variant} | {env_id} | 0 | - | - | - |")
+                continue
+            rates = [seed[env_id]["success_rate"] for seed in per_seed]
+            wins = sum(e["success"] for seed in per_seed for e in seed[env_id]["episodes"])
+            low, high = wilson_interval(wins, episodes * len(rates))
+            after = [seed[env_id]["caption_accuracy"] for seed in per_seed]
+            caption = "-" if None in after else f"{statistics.mean(after):.3f}"
+            before = "-" if not base or base[env_id]["caption_accuracy"] is None else \
+                f"{base[env_id]['caption_accuracy']:.3f}"
+            rows.append(f"| {variant} | {env_id.split('-')[1]} | {len(rates)} | {mean_se(rates)} "
+                        f"({' '.join(f'{x:.2f}' for x in rates)}) | {wins} / {episodes * len(rates)} [{low:.2f}, "
+                        f"{high:.2f}] | {caption} ({before}) |")
+    return "\n".join(rows)
+
+
+def transfer(out, cells, seeds, total_timesteps, episodes, jobs, deadline):
+    """--transfer: every finished model of a TRANSFER_FROM cell and the base model on TRANSFER_ENVS (cached);
+    returns (markdown, evaluations still to do)."""
+    variants = [v for env_id, v in cells if env_id == TRANSFER_FROM]
+    models = [(v, s, run_paths(out, TRANSFER_FROM, v, s, total_timesteps)[0]) for v in variants for s in seeds
+              if finished(out, TRANSFER_FROM, v, s, total_timesteps)]
+    base_file = out / "transfer" / f"{tiny_model_name(TRANSFER_FROM)}.json"
+    todo = [("tiny", base_file), *[(run_dir / "model", run_dir / "transfer.json") for _, _, run_dir in models]]
+    print(f"transfer: {len(todo)} models on {' '.join(TRANSFER_ENVS)}, {episodes} episodes each", flush=True)
+    with ThreadPoolExecutor(jobs) as pool:
+        [base, *done] = pool.map(lambda job: run_transfer(*job, episodes, deadline), todo)
+    trained = {v: [] for v in variants}
+    for (variant, _, _), records in zip(models, done):
+        if records:
+            trained[variant].append(records)
+    missing = sum(r is None for r in [base, *done]) + len(variants) * len(seeds) - len(models)
+    return transfer_table(base, trained, episodes), missing
+
+
 def main():
     parser = argparse.ArgumentParser(description="Ablations on the tiny model: variants x envs x seeds of vldac.py, "
                                      "then a markdown table (see the module docstring).")
-    parser.add_argument("--variants", nargs="+", default=PAPER_VARIANTS, choices=list(VARIANTS), metavar="VARIANT",
+    parser.add_argument("--grid", choices=list(GRIDS), help="run a fixed list of (env, variant) cells in priority "
+                        "order instead of --envs x --variants (which, if given, keep only the cells they name): "
+                        "`paper`, the paper's comparison in miniature (GRIDS)")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), metavar="VARIANT",
                         help=f"any of: {' '.join(VARIANTS)} (default: all but {' '.join(DIAGNOSTICS)})")
-    parser.add_argument("--envs", nargs="+", default=["gym_cards/NumberLine-v0", "gym_cards/EZPoints-v0"],
-                        help="env ids (default: NumberLine and EZPoints)")
+    parser.add_argument("--envs", nargs="+", help="env ids (default: NumberLine and EZPoints)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3], help="(default: 1 2 3)")
-    parser.add_argument("--total-timesteps", type=int, default=4096, help="env steps per run (default: 4096; the "
-                        "tiny defaults give 16 envs x 8 steps = 128 per iteration)")
+    parser.add_argument("--total-timesteps", type=int, help="env steps per run (default: 4096, with --grid "
+                        f"{GRID_STEPS}; the tiny defaults give 16 envs x 8 steps = 128 per iteration)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count(),
                         help="runs in parallel, one thread each (default: the number of cores)")
     parser.add_argument("--target", action="append", default=[], metavar="ENV=SUCCESS",
-                        help=f"success rate for 'env steps to target' (repeatable; default: {DEFAULT_TARGETS})")
-    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "ablations", help="(default: runs/ablations)")
+                        help=f"success rate for 'env steps to target' (repeatable; default: {DEFAULT_TARGETS}, with "
+                        f"--grid {GRID_TARGET} for every env)")
+    parser.add_argument("--max-minutes", type=float, help="start no new run (nor transfer evaluation) after this "
+                        "many minutes, then report what is on disk; rerun the same command to go on (default: none)")
+    parser.add_argument("--transfer", action="store_true", help=f"also play every model trained on {TRANSFER_FROM} "
+                        f"and the base model on {' '.join(TRANSFER_ENVS)} with no further training (evaluate.py, "
+                        "greedy), cached in each run's transfer.json")
+    parser.add_argument("--figures", type=Path, metavar="DIR", help="also copy the PNGs to DIR (e.g. docs/ablations)")
+    parser.add_argument("--out", type=Path, help="(default: runs/ablations, with --grid runs/grid_{GRID}: a grid's "
+                        "longer runs must not replace the ablations' runs of the same env and variant)")
     parser.add_argument("--probe", nargs=2, help=argparse.SUPPRESS)  # internal: MODEL ENV -> caption accuracy
+    parser.add_argument("--transfer-episodes", type=int, default=50, help=argparse.SUPPRESS)  # testing: cheaper
     args = parser.parse_args()
     if args.probe:
         print(probe(*args.probe))
         return
-    targets = {**DEFAULT_TARGETS, **{k: float(v) for k, v in (t.split("=", 1) for t in args.target)}}
-    out = args.out.resolve()
+    if args.grid:  # the grid's cells in its order, kept where --envs / --variants name them
+        cells = [(e, v) for e, v in GRIDS[args.grid] if e in (args.envs or [e]) and v in (args.variants or [v])]
+        steps, targets = args.total_timesteps or GRID_STEPS, {e: GRID_TARGET for e, _ in cells}
+    else:
+        envs = args.envs or ["gym_cards/NumberLine-v0", "gym_cards/EZPoints-v0"]
+        cells = [(e, v) for e in envs for v in args.variants or PAPER_VARIANTS]
+        steps, targets = args.total_timesteps or 4096, dict(DEFAULT_TARGETS)
+    if not cells:
+        parser.error(f"--envs / --variants leave no cell of --grid {args.grid}")
+    targets.update({k: float(v) for k, v in (t.split("=", 1) for t in args.target)})
+    env_ids = list(dict.fromkeys(e for e, _ in cells))
+    out = (args.out or ROOT / "runs" / (f"grid_{args.grid}" if args.grid else "ablations")).resolve()
     out.mkdir(parents=True, exist_ok=True)
 
     start = time.time()
-    caption_before = base_captions(out, args.envs)
-    todo = [(env_id, variant, seed) for env_id in args.envs for variant in args.variants for seed in args.seeds]
-    print(f"{len(todo)} runs of {args.total_timesteps} env steps, {args.jobs} at a time, in {out}", flush=True)
-    with ThreadPoolExecutor(args.jobs) as pool:
-        results = [r for r in pool.map(lambda job: run_one(out, *job, args.total_timesteps), todo) if r]
+    deadline = start + args.max_minutes * 60 if args.max_minutes is not None else None
+    caption_before = base_captions(out, env_ids)
+    todo = [(env_id, variant, seed) for env_id, variant in cells for seed in args.seeds]  # a cell's seeds together
+    print(f"{len(todo)} runs of {steps} env steps, {args.jobs} at a time, in {out}", flush=True)
+    with ThreadPoolExecutor(args.jobs) as pool:  # starts jobs in order: a cell's seeds before the next cell's
+        list(pool.map(lambda job: run_one(out, *job, steps, deadline), todo))
+    transfer_text, transfer_left = transfer(out, cells, args.seeds, steps, args.transfer_episodes, args.jobs,
+                                            deadline) if args.transfer else (None, 0)
     wall = time.time() - start
+    results = [r for r in (finished(out, *job, steps) for job in todo) if r]  # earlier invocations' too
 
+    title = f"The paper's comparison in miniature (--grid {args.grid})" if args.grid else "Ablations"
     report = "\n".join([
-        f"# Ablations: tiny model, {args.total_timesteps} env steps per run, seeds {' '.join(map(str, args.seeds))}",
+        f"# {title}: tiny model, {steps} env steps per run, seeds {' '.join(map(str, args.seeds))}",
         "",
-        table(results, args.envs, args.variants, targets, caption_before),
+        table(results, cells, targets, caption_before),
         "",
-        "final: mean success rate of the last 4 iterations; peak: maximum of the 3-iteration moving average; "
-        "both mean +- std over seeds. Env steps to target: the first iteration whose 3-iteration moving average "
-        "(with the two before it) reaches the target, mean over the seeds that reached it. Caption accuracy: "
-        "held-out frames of the run's env, base model -> mean over trained models.",
+        "Over seeds: mean +- standard error. Success is pooled over the episodes that ended (train.log's count per "
+        "iteration): final, in the last 4 iterations; last quarter, in the last quarter of the env steps (total "
+        "episodes in brackets); peak, the maximum of the smoothed curve (the trailing 3 iterations, widened back "
+        f"until they hold {MIN_EPISODES} episodes). Env steps to target: the first iteration whose smoothed success "
+        "reaches the target, mean over the seeds that reached it. Caption accuracy: held-out frames of the run's "
+        "env, base model -> mean over trained models. Minutes per run: training, model loading included; env "
+        "steps/s: the budget over that time.",
         "",
-        f"{len(results)}/{len(todo)} runs finished. Wall time {wall:.0f} s for this invocation (runs done earlier "
-        f"were reused), {sum(r['wall_s'] for r in results):.0f} s summed over runs; {args.jobs} runs at a time, "
+        f"{len(results)}/{len(todo)} runs finished, {len(todo) - len(results)} remain"
+        + (" (rerun the same command to go on)" if len(results) < len(todo) else "")
+        + f". Wall time {wall / 60:.1f} min for this invocation (runs done earlier were reused), "
+        f"{sum(r['wall_s'] for r in results) / 60:.0f} min summed over runs; {args.jobs} runs at a time, "
         "OMP_NUM_THREADS=1 each.",
         f"Hardware: {hardware()}.",
         f"Command: python -m benchmarks.ablations {' '.join(sys.argv[1:])}",
     ])
-    figures = [plot(results, env_id, args.variants, out / f"{env_id.split('/')[-1]}.png", targets.get(env_id))
-               for env_id in args.envs]
+    if transfer_text is not None:
+        report += "\n\n" + "\n".join([
+            f"## Transfer: trained on {TRANSFER_FROM}, played on other rooms with no further training", "",
+            transfer_text, "",
+            f"evaluate.py, {args.transfer_episodes} greedy episodes per model and env (episode k reset with seed 1 + "
+            "k: the same episodes for every model). Success: mean +- standard error over seeds, each seed's rate in "
+            "brackets; the 95% Wilson interval is of the count pooled over seeds (it treats the seeds' episodes as "
+            "one sample). Caption accuracy on each env's held-out frames, mean over seeds (the base model's in "
+            f"brackets). {transfer_left} evaluations remain" + (" (rerun to go on)." if transfer_left else ".")])
+    figures = []
+    for env_id in env_ids:
+        variants = [v for e, v in cells if e == env_id]
+        figures.append(plot(results, env_id, variants, out / f"{env_id.split('/')[-1]}.png", targets.get(env_id)))
+        if args.figures:
+            args.figures.mkdir(parents=True, exist_ok=True)
+            shutil.copy(figures[-1], args.figures / figures[-1].name)
     report += "\n\nFigures: " + ", ".join(str(f) for f in figures)
+    if args.figures:
+        report += f" (copied to {args.figures})"
     (out / "results.md").write_text(report + "\n")
     print(report)
     print(f"\nwritten to {out / 'results.md'}")
