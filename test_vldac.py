@@ -2478,3 +2478,58 @@ def test_other_families_train(tmp_path, family):
         assert moved and all("lora_" in n for n in moved), moved
     record = evaluate.evaluate(agent.policy, processor, ENV_ID, num_episodes=2, num_envs=2, max_new_tokens=6)
     assert len(record["episodes"]) == 2 and record["length_mean"] >= 1, record  # evaluate.py plays it too
+
+
+# ---- tiny model prior (tiny_vlm.PriorConfig: MiniWorld's and EZPoints' models start with a weak, measured hint)
+
+
+def test_miniworld_expert_reaches_the_box():
+    """envs.miniworld_expert, followed every step, reaches OneRoom's red box (50 of 50 measured, 36 steps on
+    average), and its action is a function of the caption: turn left unseen, forward straight ahead, else towards."""
+    env, wins = envs.make_env("MiniWorld-OneRoom-v0"), 0
+    want = {"no red box in view": 0, "straight ahead": 2, "ahead left": 0, "ahead right": 1}
+    for seed in range(10):
+        env.reset(seed=seed)
+        while True:
+            view, action = env.state_text(), envs.expert_action(env)
+            assert action == next(a for key, a in want.items() if key in view), (view, action)
+            _, _, terminated, truncated, info = env.step(action)
+            if terminated or truncated:
+                wins += info["success"]
+                break
+    assert wins >= 9, f"the expert reached the box in {wins} of 10 episodes"
+
+
+def test_ezpoints_expert_solves_every_deal():
+    """envs.ezpoints_expert plays a correct formula from the true deal: 100 of 100 deals solved in 4 symbols; once
+    the formula can no longer make 12 it has no action (None), and the other card games have no expert."""
+    env = envs.make_env("gym_cards/EZPoints-v0")
+    for seed in range(100):
+        env.reset(seed=seed)
+        for _ in range(4):
+            _, reward, terminated, _, info = env.step(envs.expert_action(env))
+        assert terminated and info["success"] and reward == 10, (seed, env.unwrapped.formula)
+    env.reset(seed=0)
+    env.step(env.actions.index("+"))  # "+" first: no prefix of a correct formula
+    assert envs.expert_action(env) is None
+    for env_id in ("gym_cards/NumberLine-v0", "gym_cards/Points24-v0", "gym_cards/Blackjack-v0"):
+        other = envs.make_env(env_id)
+        other.reset(seed=0)
+        assert envs.expert_action(other) is None
+
+
+def test_prior_mixes_the_expert_in_only_where_a_recipe_has_one():
+    """Only MiniWorld and EZPoints carry a prior (0 < q < 1); without one the answers' actions are the uniformly
+    random draws they always were (the other families' data, cards and cache keys stay). With q, the expert's
+    action is drawn with probability q + (1 - q) / actions."""
+    assert {n for n, c in tiny_vlm.FAMILIES.items() if c.prior_q} == {"ezpoints", "miniworld"}
+    assert all(0 < tiny_vlm.FAMILIES[n].prior_q < 1 for n in ("ezpoints", "miniworld"))
+    assert "prior_q" not in dataclasses.asdict(tiny_vlm.FAMILIES["numberline"])
+    answer = tiny_vlm.answer_format(envs.make_env("gym_cards/EZPoints-v0"))
+    state = tiny_vlm.State(([], "prompt", "Cards: 5, 7.", envs.EZPointsEnv.ACTIONS, answer), expert=4)
+    rng_plain, rng_uniform = np.random.default_rng(1), np.random.default_rng(1)
+    plain = [tiny_vlm.format_example(state, rng_plain)[2] for _ in range(50)]
+    assert plain == [answer("Cards: 5, 7.", int(rng_uniform.integers(13))) for _ in range(50)]
+    rng = np.random.default_rng(2)
+    share = np.mean([json.loads(tiny_vlm.format_example(state, rng, 0.6)[2])["action"] == "5" for _ in range(4000)])
+    assert abs(share - (0.6 + 0.4 / 13)) < 0.03, share  # 4 binomial standard errors: 0.03
