@@ -2533,3 +2533,26 @@ def test_prior_mixes_the_expert_in_only_where_a_recipe_has_one():
     rng = np.random.default_rng(2)
     share = np.mean([json.loads(tiny_vlm.format_example(state, rng, 0.6)[2])["action"] == "5" for _ in range(4000)])
     assert abs(share - (0.6 + 0.4 / 13)) < 0.03, share  # 4 binomial standard errors: 0.03
+
+
+# The shipped models' prior as measured by benchmarks/prior.py (docs/tiny_model.md, "A weak prior"): zero-shot success
+# at temperature 1 over 200 episodes, and the mean probability of the expert's action on 200 held-out states
+PRIOR = {"gym_cards/EZPoints-v0": dict(success=0.100, expert_probability=0.481, episodes=40),
+         }  # "MiniWorld-OneRoom-v0": dict(success=SUCCESS_ONEROOM, expert_probability=P_ONEROOM, episodes=20)}
+
+
+@pytest.mark.parametrize("env_id", list(PRIOR))
+def test_shipped_prior_is_weak_and_as_measured(tiny_families, env_id):
+    """The base model's hint, re-measured on a small sample: the expert's mean probability on 100 held-out states and
+    zero-shot success at temperature 1 within 3 binomial standard errors of the figures above (a mean of values in
+    [0, 1] varies at most as a coin with that mean), the expert's probability at most 0.75 (a hint, not the answer;
+    a vanished prior would give 1 / actions: 0.08 / 0.25), and at least one success."""
+    figures = PRIOR[env_id]
+    model, processor = tiny_families(tiny_vlm.family_of(env_id))
+    within = lambda x, p, n: abs(x - p) <= 3 * math.sqrt(p * (1 - p) / n)  # noqa: E731
+    probability = tiny_vlm.expert_probability(model, processor, env_id, num_states=100)
+    assert probability <= 0.75 and within(probability, figures["expert_probability"], 100), probability
+    torch.manual_seed(1)  # as benchmarks/prior.py: episode k reset with seed 1 + k, 20 envs stepped together
+    n = figures["episodes"]
+    record = evaluate.evaluate(model, processor, env_id, num_episodes=n, num_envs=20, temperature=1.0, max_new_tokens=48)
+    assert within(record["success_rate"], figures["success"], n) and record["success_rate"] > 0, record["success_rate"]
