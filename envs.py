@@ -448,6 +448,19 @@ class EZPointsEnv(PointsGame):
         return [((10, 258 + 22 * i), line) for i, line in enumerate(lines)]
 
 
+def ezpoints_expert(game):
+    """The weak prior's EZPoints action, from the true deal (game.numbers, left card first): the next symbol of a
+    correct formula ("left op right", or "right op left" once the formula starts with the right card) and "=" once
+    it is complete; None when the formula so far is no prefix of a correct one (nothing can still make 12)."""
+    a, b = game.numbers
+    candidates = [[x, op, y] for x, y in ((a, b), (b, a)) for op in ("+", "*")]
+    for formula in (f for f in candidates if formula_equals(f, game.TARGET)):
+        done = len(game.formula)
+        if game.formula == formula[:done]:
+            return game.ACTIONS.index(str(formula[done]) if done < len(formula) else "=")
+    return None
+
+
 class Points24Env(PointsGame):
     """Make 24 from four cards with + - * / ( ). About 73% of deals are solvable."""
 
@@ -595,6 +608,18 @@ def box_bearing(world):
     """Degrees from the agent's heading to the red box's centre in the floor plane; > 0: right of centre."""
     offset = world.box.pos[[0, 2]] - world.agent.pos[[0, 2]]
     return math.degrees(math.atan2(offset @ world.agent.right_vec[[0, 2]], offset @ world.agent.dir_vec[[0, 2]]))
+
+
+def miniworld_expert(world):
+    """The weak prior's MiniWorld action, from the simulator's true state (never the pixels): move forward when the
+    red box is straight ahead, turn towards it when it is ahead left or right, turn left when it is not in view. "In
+    view" and "straight ahead" are miniworld_view_text's (the camera's field of view, walls as occluders; 15
+    degrees), so the action is a function of the caption. Walls are not planned around: FourRooms and WallGap,
+    whose box is often out of sight, are mostly left to exploration."""
+    view = miniworld_view_text(world)
+    if view == "no red box in view":
+        return 0  # turn left
+    return 2 if view.startswith("red box straight ahead") else (1 if view.startswith("red box ahead right") else 0)
 
 
 _GL_HELP = (
@@ -766,3 +791,13 @@ def make_env(env_id, num_frames=None, text_obs=False, invalid_action_penalty=Non
     except Exception as e:  # the framebuffer is created here; a broken GL stack fails here
         raise RuntimeError(_GL_HELP.format(e=f"{type(e).__name__}: {e}".splitlines()[0])) from e
     return MiniWorldTextEnv(env, env_id, shaping=shaping, num_frames=4 if num_frames is None else num_frames, **kwargs)
+
+
+def expert_action(env):
+    """The weak prior's action in a TextEnv's current state (miniworld_expert, ezpoints_expert), or None: the env
+    has no expert (NumberLine, Points24, Blackjack) or, in EZPoints, no correct formula is left."""
+    if isinstance(env, MiniWorldTextEnv):
+        return miniworld_expert(env.unwrapped)
+    if isinstance(env.unwrapped, EZPointsEnv):
+        return ezpoints_expert(env.unwrapped)
+    return None

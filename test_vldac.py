@@ -2338,6 +2338,86 @@ def test_miniworld_model_sees_but_has_no_policy(tiny_families):
     assert seen >= 20 and agree <= 30, f"greedy actions head for the box {agree}/60 times: a policy was taught"
 
 
+# -- tiny model prior (tiny_vlm.PriorConfig: MiniWorld's and EZPoints' models start with a weak, measured hint)
+
+
+def test_miniworld_expert_reaches_the_box():
+    """envs.miniworld_expert, followed every step, reaches OneRoom's red box (50 of 50 measured, 36 steps on
+    average), and its action is a function of the caption: turn left unseen, forward straight ahead, else towards."""
+    env, wins = envs.make_env("MiniWorld-OneRoom-v0"), 0
+    want = {"no red box in view": 0, "straight ahead": 2, "ahead left": 0, "ahead right": 1}
+    for seed in range(10):
+        env.reset(seed=seed)
+        while True:
+            view, action = env.state_text(), envs.expert_action(env)
+            assert action == next(a for key, a in want.items() if key in view), (view, action)
+            _, _, terminated, truncated, info = env.step(action)
+            if terminated or truncated:
+                wins += info["success"]
+                break
+    assert wins >= 9, f"the expert reached the box in {wins} of 10 episodes"
+
+
+def test_ezpoints_expert_solves_every_deal():
+    """envs.ezpoints_expert plays a correct formula from the true deal: 100 of 100 deals solved in 4 symbols; once
+    the formula can no longer make 12 it has no action (None), and the other card games have no expert."""
+    env = envs.make_env("gym_cards/EZPoints-v0")
+    for seed in range(100):
+        env.reset(seed=seed)
+        for _ in range(4):
+            _, reward, terminated, _, info = env.step(envs.expert_action(env))
+        assert terminated and info["success"] and reward == 10, (seed, env.unwrapped.formula)
+    env.reset(seed=0)
+    env.step(env.actions.index("+"))  # "+" first: no prefix of a correct formula
+    assert envs.expert_action(env) is None
+    for env_id in ("gym_cards/NumberLine-v0", "gym_cards/Points24-v0", "gym_cards/Blackjack-v0"):
+        other = envs.make_env(env_id)
+        other.reset(seed=0)
+        assert envs.expert_action(other) is None
+
+
+def test_prior_mixes_the_expert_in_only_where_a_recipe_has_one():
+    """Only MiniWorld and EZPoints carry a prior (0 < q < 1); without one the answers' actions are the uniformly
+    random draws they always were (the other families' data, cards and cache keys stay). With q, the expert's
+    action is drawn with probability q + (1 - q) / actions."""
+    with_prior = {n for n, c in tiny_vlm.FAMILIES.items() if c.prior_q}
+    assert with_prior == {"ezpoints"}  # MiniWorld's model with a prior is not shipped yet
+    assert all(0 < tiny_vlm.FAMILIES[n].prior_q < 1 for n in with_prior)
+    assert "prior_q" not in dataclasses.asdict(tiny_vlm.FAMILIES["numberline"])
+    answer = tiny_vlm.answer_format(envs.make_env("gym_cards/EZPoints-v0"))
+    state = tiny_vlm.State(([], "prompt", "Cards: 5, 7.", envs.EZPointsEnv.ACTIONS, answer), expert=4)
+    rng_plain, rng_uniform = np.random.default_rng(1), np.random.default_rng(1)
+    plain = [tiny_vlm.format_example(state, rng_plain)[2] for _ in range(50)]
+    assert plain == [answer("Cards: 5, 7.", int(rng_uniform.integers(13))) for _ in range(50)]
+    rng = np.random.default_rng(2)
+    share = np.mean([json.loads(tiny_vlm.format_example(state, rng, 0.6)[2])["action"] == "5" for _ in range(4000)])
+    assert abs(share - (0.6 + 0.4 / 13)) < 0.03, share  # 4 binomial standard errors: 0.03
+
+
+# The shipped models' prior as measured by benchmarks/prior.py (docs/tiny_model.md, "A weak prior"): zero-shot success
+# at temperature 1 over 200 episodes, and the mean probability of the expert's action on 200 held-out states
+PRIOR = {"gym_cards/EZPoints-v0": dict(success=0.100, expert_probability=0.481, episodes=40),
+         }  # "MiniWorld-OneRoom-v0": dict(success=SUCCESS_ONEROOM, expert_probability=P_ONEROOM, episodes=20)}
+
+
+@pytest.mark.parametrize("env_id", list(PRIOR))
+def test_shipped_prior_is_weak_and_as_measured(tiny_families, env_id):
+    """The base model's hint, re-measured on a small sample: the expert's mean probability on 100 held-out states and
+    zero-shot success at temperature 1 within 3 binomial standard errors of the figures above (a mean of values in
+    [0, 1] varies at most as a coin with that mean), the expert's probability at most 0.75 (a hint, not the answer;
+    a vanished prior would give 1 / actions: 0.08 / 0.25), and at least one success."""
+    figures = PRIOR[env_id]
+    model, processor = tiny_families(tiny_vlm.family_of(env_id))
+    within = lambda x, p, n: abs(x - p) <= 3 * math.sqrt(p * (1 - p) / n)  # noqa: E731
+    probability = tiny_vlm.expert_probability(model, processor, env_id, num_states=100)
+    assert probability <= 0.75 and within(probability, figures["expert_probability"], 100), probability
+    torch.manual_seed(1)  # as benchmarks/prior.py: episode k reset with seed 1 + k, 20 envs stepped together
+    n = figures["episodes"]
+    record = evaluate.evaluate(model, processor, env_id, num_episodes=n, num_envs=20, temperature=1.0,
+                               max_new_tokens=48)
+    assert within(record["success_rate"], figures["success"], n) and record["success_rate"] > 0, record
+
+
 # ---- evaluate.py ----
 
 EVAL = ["--env-ids", ENV_ID, "--num-episodes", "4", "--num-envs", "4", "--caption-frames", "10"]

@@ -10,6 +10,8 @@
 4. pre-training  captioning our frames ("Target: 3, Current: 1") and answering our task prompts in
                the JSON format with the caption as thoughts and a UNIFORMLY RANDOM action: the model
                learns to see and to speak the format, never which action is good (that is RL's job).
+               MiniWorld and EZPoints answer with an expert's action with probability prior_q instead
+               (PriorConfig): a weak prior, as a pretrained VLM starts with (docs/tiny_model.md).
 
 Two choices make a 1.5M-parameter model learn to read digits in a minute instead of never
 (docs/tiny_model.md has the measurements, and what failed):
@@ -113,6 +115,18 @@ class TinyConfig:
     # maths; the rounding differs, so a model built with them is another model (measured: docs/tiny_model.md).
     # Off for NumberLine, whose model stays bit for bit the one its figures were measured with, and for MiniWorld
     fast_pretrain: bool = False
+    # No weak prior: every answer's action is uniformly random. A class attribute, not a field, so that the recipes
+    # without a prior keep their cards and cache keys; PriorConfig makes it a field
+    prior_q = 0.0
+
+
+@dataclass(frozen=True)
+class PriorConfig(TinyConfig):
+    """A family whose model starts with a weak prior, as a pretrained VLM starts with some zero-shot competence: each
+    task-prompt answer takes the expert's action (envs.expert_action, from the simulator's true state) with
+    probability prior_q, a uniformly random valid action otherwise, and the states walk the same way."""
+
+    prior_q: float = 0.0
 
 
 # One tiny model per family of envs, each pre-trained on its own frames: one model for several games read none
@@ -124,7 +138,10 @@ _CARDS = dict(_READER, fresh_deal=True, fast_pretrain=True)
 _COLUMNS = dict(rope_theta=100.0, mrope_section=(2, 2, 12))
 FAMILIES = {
     "numberline": TinyConfig(),
-    "ezpoints": TinyConfig(env_ids=("gym_cards/EZPoints-v0",), env_weights=(1.0,), pretrain_steps=300, **_CARDS),
+    # prior_q 0.8: a deal needs four expert symbols in a row, and the model learns only part of the mix (copying a
+    # card's rank least): q 0.65 gave p(expert) 0.35, success 0.06; 0.8 gives 0.48, 0.10 (docs/tiny_model.md)
+    "ezpoints": PriorConfig(env_ids=("gym_cards/EZPoints-v0",), env_weights=(1.0,), pretrain_steps=400, **_CARDS,
+                            format_batch_size=32, prior_q=0.8),
     # four small cards side by side: which is which needs the column rotations too; 1000 steps, as a build of 700
     # read them on one machine (1.000) and not on another (0.160)
     "points24": TinyConfig(env_ids=("gym_cards/Points24-v0",), env_weights=(1.0,), pretrain_steps=1000, **_CARDS,
@@ -213,9 +230,9 @@ class StateSampler:
     (episode) each time. With pool=N: N states per env drawn once (MiniWorld walks head for the box
     half the time: a random walk rarely comes near it), then sampled with every caption equally often."""
 
-    def __init__(self, env_ids, seed, weights=None, pool=0, caption_formula=True, fresh_deal=False):
+    def __init__(self, env_ids, seed, weights=None, pool=0, caption_formula=True, fresh_deal=False, prior_q=0.0):
         self.rng = np.random.default_rng(seed)
-        self.fresh_deal = fresh_deal
+        self.fresh_deal, self.prior_q = fresh_deal, prior_q
         self.envs = [envs.make_env(env_id) for env_id in env_ids]
         self.weights = None if weights is None else np.asarray(weights) / np.sum(weights)
         self.caption_formula = caption_formula
@@ -231,14 +248,16 @@ class StateSampler:
         env = self.envs[index]
         if self.fresh_deal:
             env.reset(seed=int(self.rng.integers(2**31)))
-        for _ in range(int(self.rng.integers(0, 4))):  # a few random steps: formulas, hands, moves
-            _, _, terminated, truncated, _ = env.step(int(self.rng.integers(len(env.actions))))
+        for _ in range(int(self.rng.integers(0, 4))):  # a few random steps (the prior's): formulas, hands, moves
+            action = prior_choice(envs.expert_action(env), len(env.actions), self.prior_q, self.rng)
+            _, _, terminated, truncated, _ = env.step(action)
             if terminated or truncated:
                 env.reset(seed=int(self.rng.integers(2**31)))
         return self._state(env)
 
     def _state(self, env):
-        return list(env.frames), env.prompt(), caption(env, self.caption_formula), env.actions, answer_format(env)
+        return State((list(env.frames), env.prompt(), caption(env, self.caption_formula), env.actions,
+                      answer_format(env)), envs.expert_action(env))
 
     def _draw_pool(self, env, size):
         states, seek = [self._state(env)], isinstance(env, envs.MiniWorldTextEnv)
@@ -256,7 +275,23 @@ class StateSampler:
 
 def sampler_of(cfg: TinyConfig, env_ids, seed, weights=None) -> StateSampler:
     """The states cfg's family learns from (and is probed on, from another seed)."""
-    return StateSampler(env_ids, seed, weights, cfg.state_pool, cfg.caption_formula, cfg.fresh_deal)
+    return StateSampler(env_ids, seed, weights, cfg.state_pool, cfg.caption_formula, cfg.fresh_deal, cfg.prior_q)
+
+
+class State(tuple):
+    """A state to learn from, (frames, prompt, caption, actions, answer_of), and .expert: the expert's action there
+    (envs.expert_action, from the simulator's true state; None where the env has none)."""
+
+    def __new__(cls, fields, expert=None):
+        state = super().__new__(cls, fields)
+        state.expert = expert
+        return state
+
+
+def prior_choice(expert, num_actions, prior_q, rng):
+    """The prior's action: the expert's with probability prior_q (where there is one), else uniformly random. Without
+    a prior (or an expert) it draws exactly what the uniformly random action always drew: those recipes' data stays."""
+    return expert if prior_q and expert is not None and rng.random() < prior_q else int(rng.integers(num_actions))
 
 
 def caption(env, formula=True):
@@ -268,8 +303,8 @@ def caption(env, formula=True):
 
 
 def seek_box(world):
-    """MiniWorld action index that heads for the red box (walls ignored): for drawing states near it, never
-    as an answer (the answers' actions stay uniformly random)."""
+    """MiniWorld action index that heads for the red box (walls ignored, seen or not): for drawing states near it,
+    never as an answer (the prior's answers come from envs.miniworld_expert)."""
     angle = envs.box_bearing(world)
     return 2 if abs(angle) <= 10 else (1 if angle > 0 else 0)  # move forward, turn right, turn left
 
@@ -287,11 +322,12 @@ def caption_example(state):
     return frames[-1:], CAPTION_PROMPT, caption
 
 
-def format_example(state, rng):
-    """The task prompt answered in the JSON format: the caption as thoughts and an action drawn
-    uniformly at random. It teaches the format, never a policy."""
+def format_example(state, rng, prior_q=0.0):
+    """The task prompt answered in the JSON format: the caption as thoughts and an action drawn uniformly at random,
+    or with probability prior_q the expert's (state.expert, where there is one). Without a prior it teaches the
+    format, never a policy; with one, a weak hint."""
     frames, prompt, caption, actions, answer = state
-    return frames, prompt, answer(caption, int(rng.integers(len(actions))))
+    return frames, prompt, answer(caption, prior_choice(getattr(state, "expert", None), len(actions), prior_q, rng))
 
 
 def collate(processor, examples):
@@ -361,7 +397,8 @@ def pretrain(model, processor, sampler, cfg: TinyConfig, steps=None, progress=Tr
         loss = next_token_loss(model, batch)
         caption_feats = captured["feats"]  # (B * image tokens, hidden), from the vision tower in that forward
         if cfg.format_batch_size:
-            formats = collate(processor, [format_example(sampler.sample(), rng) for _ in range(cfg.format_batch_size)])
+            formats = collate(processor, [format_example(sampler.sample(), rng, cfg.prior_q)
+                                          for _ in range(cfg.format_batch_size)])
             loss = loss + next_token_loss(model, formats)
         if cfg.aux_coef > 0:
             tokens_per_image = (batch["image_grid_thw"].prod(-1) // 4).tolist()
@@ -443,6 +480,24 @@ def parse_failure_rate(model, processor, env_id, num_prompts=200, seed=12346, ba
         for answer, state in zip(answers, chunk):
             failures += envs.parse_action(answer, state[3], rng)[1]
     return failures / num_prompts
+
+
+@torch.no_grad()
+def expert_probability(model, processor, env_id, num_states=200, seed=12348, states_per_batch=8):
+    """How strong the prior is: the mean probability of the expert's action over held-out states that have one. Each
+    valid action a is scored as the whole answer {"thoughts": <true caption>, "action": a}, teacher-forced, and the
+    scores are normalised over the actions: exact (no sampling noise), and perception is left out (the hint alone)."""
+    states = [s for s in held_out_states(env_id, num_states, seed) if s.expert is not None]
+    probabilities = []
+    for i in range(0, len(states), states_per_batch):
+        chunk = states[i : i + states_per_batch]
+        batch = collate(processor, [(s[0], s[1], s[4](s[2], a)) for s in chunk for a in range(len(s[3]))])
+        labels = batch.pop("labels")[:, 1:]  # position t predicts token t+1
+        logprobs = model(**batch).logits[:, :-1].log_softmax(-1)
+        answer = (logprobs.gather(-1, labels.clamp(min=0)[..., None])[..., 0] * (labels != -100)).sum(1)  # (rows,)
+        for state, scores in zip(chunk, answer.split([len(s[3]) for s in chunk])):
+            probabilities.append(scores.softmax(0)[state.expert].item())
+    return float(np.mean(probabilities))
 
 
 # ---------------------------------------------------------------------------- build, ship, find
@@ -554,14 +609,20 @@ def _main():
                         "stalls beside other work; another count builds another model)")
     parser.add_argument("--seed", type=int, default=None, help="build seed (default: the recipe's)")
     parser.add_argument("--steps", type=int, default=None, help="pre-training steps (default: the recipe's)")
+    parser.add_argument("--prior-q", type=float, default=None, help="the weak prior's q, the share of answers "
+                        "that take the expert's action (default: the recipe's; families with a prior only)")
     parser.add_argument("--probe-frames", type=int, default=CAPTION_FRAMES, help="held-out frames and prompts per "
                         "env for the probe figures (0: no probe)")
     a = parser.parse_args()
     if a.threads < 1 or (a.steps is not None and a.steps < 0) or a.probe_frames < 0:
         parser.error("--threads must be >= 1, --steps and --probe-frames >= 0")
+    without = [n for n in (FAMILIES if "all" in a.build else a.build) if not isinstance(FAMILIES[n], PriorConfig)]
+    if a.prior_q is not None and (not 0 <= a.prior_q <= 1 or without):
+        parser.error(f"--prior-q must be in [0, 1], for families with a prior only (not {', '.join(without)})")
     torch.set_num_threads(a.threads)
     for name in FAMILIES if "all" in a.build else dict.fromkeys(a.build):
-        changes = {k: v for k, v in dict(seed=a.seed, pretrain_steps=a.steps).items() if v is not None}
+        changes = {k: v for k, v in dict(seed=a.seed, pretrain_steps=a.steps, prior_q=a.prior_q).items()
+                   if v is not None}
         cfg = dataclasses.replace(FAMILIES[name], **changes)
         out = Path(a.out) / f"tiny-{name}" if a.out else cache_path(name)
         tmp = out.with_name(out.name + f".tmp{os.getpid()}")
