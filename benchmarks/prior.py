@@ -1,8 +1,8 @@
-"""How strong is a tiny model's weak prior (tiny_vlm.PriorConfig)? Per env, for a model directory:
+"""How strong is a tiny model's weak prior (tiny_vlm.PriorConfig)? Measured per env for a model directory.
 - zero-shot success of the base model sampled at temperature 1, as a rollout samples (evaluate.evaluate; episode k
   reset with seed + k), with its 95% Wilson interval and parse failures, beside uniformly random play and the
   expert alone (envs.expert_action followed every step) on the same episodes;
-- the mean probability of the expert's action on held-out states (tiny_vlm.expert_probability: every action scored
+- the mean probability of the expert's action on held-out states (tiny_vlm.expert_probabilities: every action scored
   as the whole answer with the true caption as thoughts, normalised over the actions; exact where sampling and
   counting would add noise, and a misread frame does not count against the prior).
 Prints a markdown table and writes it with the figures as JSON (docs/tiny_model.md, "A weak prior"):
@@ -53,12 +53,13 @@ def measure(model_dir, env_id, num_episodes, num_envs, num_states, seed):
                 success_ci95=record["success_ci95"], parse_failures=record["parse_failure_rate"],
                 random=random_play / num_episodes, random_ci95=evaluate.wilson_interval(random_play, num_episodes),
                 expert=expert / num_episodes,
-                expert_probability=tiny_vlm.expert_probability(model, processor, env_id, num_states))
+                expert_probability=float(tiny_vlm.expert_probabilities(model, processor, env_id, num_states).mean()))
 
 
 def markdown(rows):
-    lines = ["| env | zero-shot success, temperature 1 (95% CI) | random play (95% CI) | expert alone | "
-             "p(expert's action) | parse failures |", "|" + "---|" * 6]
+    header = ("| env | zero-shot success, temperature 1 (95% CI) | random play (95% CI) | expert alone | "
+              "p(expert's action) | parse failures |")
+    lines = [header, "|" + "---|" * 6]
     for r in rows:
         lines.append(f"| {r['env_id']} | {r['success']:.3f} [{r['success_ci95'][0]:.3f}, {r['success_ci95'][1]:.3f}] "
                      f"| {r['random']:.3f} [{r['random_ci95'][0]:.3f}, {r['random_ci95'][1]:.3f}] | "
