@@ -5,9 +5,12 @@
 - the mean probability of the expert's action on held-out states (tiny_vlm.expert_probabilities: every action scored
   as the whole answer with the true caption as thoughts, normalised over the actions; exact where sampling and
   counting would add noise, and a misread frame does not count against the prior).
-Prints a markdown table and writes it with the figures as JSON (docs/tiny_model.md, "A weak prior"):
+Prints a markdown table and writes it with the figures as JSON (docs/tiny_model.md, "A weak prior"). Without a model,
+--mixtures P ...: the success of playing the expert's action with probability P, else a uniformly random one (no
+model; what choosing q aims at):
     python benchmarks/prior.py models/tiny-ezpoints --env-ids gym_cards/EZPoints-v0
     python benchmarks/prior.py models/tiny-miniworld --env-ids MiniWorld-OneRoom-v0 MiniWorld-Hallway-v0
+    python benchmarks/prior.py --env-ids MiniWorld-OneRoom-v0 --mixtures 0.2 0.25 0.3
 """
 import argparse
 import json
@@ -56,6 +59,17 @@ def measure(model_dir, env_id, num_episodes, num_envs, num_states, seed):
                 expert_probability=float(tiny_vlm.expert_probabilities(model, processor, env_id, num_states).mean()))
 
 
+def mixture(p):
+    """A scripted policy: the expert's action with probability p (where it has one), else uniformly random."""
+    import envs
+
+    def policy(env, rng):
+        expert = envs.expert_action(env)
+        return expert if expert is not None and rng.random() < p else int(rng.integers(len(env.actions)))
+
+    return policy
+
+
 def markdown(rows):
     header = ("| env | zero-shot success, temperature 1 (95% CI) | random play (95% CI) | expert alone | "
               "p(expert's action) | parse failures |")
@@ -69,7 +83,7 @@ def markdown(rows):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("model", help="a tiny model directory (models/tiny-FAMILY or a build)")
+    parser.add_argument("model", nargs="?", help="a tiny model directory (models/tiny-FAMILY or a build)")
     parser.add_argument("--env-ids", nargs="+", required=True, help="envs of the model's family")
     parser.add_argument("--num-episodes", type=int, default=200, help="episodes per env (default: 200)")
     parser.add_argument("--num-envs", type=int, default=20, help="envs stepped together, one batched generate per "
@@ -78,9 +92,20 @@ def main():
                         "probability (those without an expert action are skipped; default: 200)")
     parser.add_argument("--seed", type=int, default=1, help="episode k is reset with seed + k (default: 1)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
+    parser.add_argument("--mixtures", nargs="+", type=float, default=None, metavar="P", help="without a model: "
+                        "success of the expert's action with probability P, else a random one, per env")
     parser.add_argument("--output", type=Path, default=None, help="JSON file (default: runs/prior_{model}.json)")
     a = parser.parse_args()
+    if (a.model is None) == (a.mixtures is None):
+        parser.error("give a model directory or --mixtures, not both")
     sys.path.insert(0, str(ROOT))
+    if a.mixtures:
+        for env_id in a.env_ids:
+            for p in a.mixtures:
+                wins = scripted_success(env_id, mixture(p), a.num_episodes, a.seed)
+                print(f"{env_id}: expert with probability {p}: success {wins / a.num_episodes:.3f} "
+                      f"({a.num_episodes} episodes)", flush=True)
+        return
     import torch
 
     torch.set_num_threads(a.threads)
