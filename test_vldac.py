@@ -2317,9 +2317,10 @@ def test_value_head_input_holds_the_scene(tiny_families):
     assert accuracy >= 0.75, f"a linear read-out of the value head's input names {accuracy:.2f} of the captions"
 
 
-def test_miniworld_model_sees_but_has_no_policy(tiny_families):
-    """The MiniWorld model's greedy actions agree with heading for the box (seek_box) about as often as random
-    actions would (1 in 4), although it describes the box: pre-training taught seeing, not acting."""
+def test_miniworld_model_sees_and_its_prior_is_only_a_hint(tiny_families):
+    """The MiniWorld model describes the box, and its greedy actions head for it (seek_box) more often than random
+    actions would (1 in 4: the weak prior; 42 of 60 measured) but not always (not a solved policy; how weak the
+    prior is at temperature 1, as a rollout samples: test_shipped_prior_is_weak_and_as_measured)."""
     model, processor = tiny_families("miniworld")
     env, rng, states, seen = envs.make_env("MiniWorld-OneRoom-v0"), np.random.default_rng(0), [], 0
     for seed in range(60):  # states on the way to the box, as in pre-training, with the action that heads for it
@@ -2335,7 +2336,7 @@ def test_miniworld_model_sees_but_has_no_policy(tiny_families):
     actions = [envs.parse_action(a, env.actions, np.random.default_rng(0)) for a in answers]
     assert sum(failed for _, failed in actions) <= 3, answers[:3]
     agree = sum(action == state[2] for (action, _), state in zip(actions, states))
-    assert seen >= 20 and agree <= 30, f"greedy actions head for the box {agree}/60 times: a policy was taught"
+    assert seen >= 20 and 20 <= agree <= 54, f"greedy actions head for the box {agree}/60 times"
 
 
 # -- tiny model prior (tiny_vlm.PriorConfig: MiniWorld's and EZPoints' models start with a weak, measured hint)
@@ -2380,9 +2381,8 @@ def test_prior_mixes_the_expert_in_only_where_a_recipe_has_one():
     """Only MiniWorld and EZPoints carry a prior (0 < q < 1); without one the answers' actions are the uniformly
     random draws they always were (the other families' data, cards and cache keys stay). With q, the expert's
     action is drawn with probability q + (1 - q) / actions."""
-    with_prior = {n for n, c in tiny_vlm.FAMILIES.items() if c.prior_q}
-    assert with_prior == {"ezpoints"}  # MiniWorld's model with a prior is not shipped yet
-    assert all(0 < tiny_vlm.FAMILIES[n].prior_q < 1 for n in with_prior)
+    assert {n for n, c in tiny_vlm.FAMILIES.items() if c.prior_q} == {"ezpoints", "miniworld"}
+    assert all(0 < tiny_vlm.FAMILIES[n].prior_q < 1 for n in ("ezpoints", "miniworld"))
     assert "prior_q" not in dataclasses.asdict(tiny_vlm.FAMILIES["numberline"])
     answer = tiny_vlm.answer_format(envs.make_env("gym_cards/EZPoints-v0"))
     state = tiny_vlm.State(([], "prompt", "Cards: 5, 7.", envs.EZPointsEnv.ACTIONS, answer), expert=4)
@@ -2397,26 +2397,26 @@ def test_prior_mixes_the_expert_in_only_where_a_recipe_has_one():
 # The shipped models' prior as measured by benchmarks/prior.py (docs/tiny_model.md, "A weak prior"): zero-shot success
 # at temperature 1 over 200 episodes, and the mean probability of the expert's action on 200 held-out states
 PRIOR = {"gym_cards/EZPoints-v0": dict(success=0.100, expert_probability=0.481, episodes=40),
-         }  # "MiniWorld-OneRoom-v0": dict(success=SUCCESS_ONEROOM, expert_probability=P_ONEROOM, episodes=20)}
+         "MiniWorld-OneRoom-v0": dict(success=0.215, expert_probability=0.419, episodes=20)}
 
 
 @pytest.mark.parametrize("env_id", list(PRIOR))
 def test_shipped_prior_is_weak_and_as_measured(tiny_families, env_id):
-    """The base model's hint, re-measured on a small sample: the expert's mean probability on 100 held-out states and
-    zero-shot success at temperature 1 within 3 binomial standard errors of the figures above (a mean of values in
-    [0, 1] varies at most as a coin with that mean), the expert's probability at most 0.75 (a hint, not the answer;
-    a vanished prior would give 1 / actions: 0.08 / 0.25), and at least one success."""
-    figures = PRIOR[env_id]
+    """The base model's hint, re-measured on a small sample: the expert's mean probability on 100 held-out states
+    within 3 standard errors of the figure above, at most 0.75 (a hint, not the answer) and 3 standard errors above
+    1 / actions (a vanished prior: 0.08 / 0.25); zero-shot success at temperature 1 within 3 binomial standard errors
+    of the figure above, and at least one success."""
+    figures, chance = PRIOR[env_id], 1 / len(envs.make_env(env_id).actions)
     model, processor = tiny_families(tiny_vlm.family_of(env_id))
-    within = lambda x, p, n: abs(x - p) <= 3 * math.sqrt(p * (1 - p) / n)  # noqa: E731
-    probability = tiny_vlm.expert_probability(model, processor, env_id, num_states=100)
-    assert probability <= 0.75 and within(probability, figures["expert_probability"], 100), probability
+    probabilities = tiny_vlm.expert_probabilities(model, processor, env_id, num_states=100)
+    mean, error = probabilities.mean(), probabilities.std() / math.sqrt(len(probabilities))
+    assert abs(mean - figures["expert_probability"]) <= 3 * error and chance + 3 * error < mean <= 0.75, (mean, error)
     torch.manual_seed(1)  # as benchmarks/prior.py: episode k reset with seed 1 + k, 20 envs stepped together
-    n = figures["episodes"]
+    n, p = figures["episodes"], figures["success"]
     record = evaluate.evaluate(model, processor, env_id, num_episodes=n, num_envs=20, temperature=1.0,
                                max_new_tokens=48)
-    assert within(record["success_rate"], figures["success"], n) and record["success_rate"] > 0, record
-
+    success = record["success_rate"]
+    assert abs(success - p) <= 3 * math.sqrt(p * (1 - p) / n) and success > 0, success
 
 # ---- evaluate.py ----
 

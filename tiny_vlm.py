@@ -147,9 +147,12 @@ FAMILIES = {
     "points24": TinyConfig(env_ids=("gym_cards/Points24-v0",), env_weights=(1.0,), pretrain_steps=1000, **_CARDS,
                            **_COLUMNS),
     "blackjack": TinyConfig(env_ids=("gym_cards/Blackjack-v0",), env_weights=(1.0,), pretrain_steps=400, **_CARDS),
-    # 4-frame task prompts are long: 2 per step instead of 4; where the box is needs fast width rotations
-    "miniworld": TinyConfig(env_ids=tuple(envs.MINIWORLD_IDS), env_weights=(1.0,) * 4, state_pool=4000,
-                            format_batch_size=2, pretrain_steps=1000, **_COLUMNS, **_READER),
+    # where the box is needs fast width rotations. prior_q 0.35: the model learns part of it (p(expert) 0.39, a quarter
+    # is chance), and OneRoom's zero-shot success climbs steeply with it (docs/tiny_model.md); 4 task prompts per step
+    # (4-frame prompts are long) for the prior to be learned at all, 48 captions for the reading
+    "miniworld": PriorConfig(env_ids=tuple(envs.MINIWORLD_IDS), env_weights=(1.0,) * 4, state_pool=4000,
+                             batch_size=48, format_batch_size=4, pretrain_steps=1500, **_COLUMNS, **_READER,
+                             prior_q=0.35),
 }
 
 
@@ -483,10 +486,10 @@ def parse_failure_rate(model, processor, env_id, num_prompts=200, seed=12346, ba
 
 
 @torch.no_grad()
-def expert_probability(model, processor, env_id, num_states=200, seed=12348, states_per_batch=8):
-    """How strong the prior is: the mean probability of the expert's action over held-out states that have one. Each
-    valid action a is scored as the whole answer {"thoughts": <true caption>, "action": a}, teacher-forced, and the
-    scores are normalised over the actions: exact (no sampling noise), and perception is left out (the hint alone)."""
+def expert_probabilities(model, processor, env_id, num_states=200, seed=12348, states_per_batch=8):
+    """How strong the prior is: the probability of the expert's action in each held-out state that has one. Each valid
+    action a is scored as the whole answer {"thoughts": <true caption>, "action": a}, teacher-forced, and the scores
+    are normalised over the actions: exact (no sampling noise), and perception is left out (the hint alone)."""
     states = [s for s in held_out_states(env_id, num_states, seed) if s.expert is not None]
     probabilities = []
     for i in range(0, len(states), states_per_batch):
@@ -497,7 +500,7 @@ def expert_probability(model, processor, env_id, num_states=200, seed=12348, sta
         answer = (logprobs.gather(-1, labels.clamp(min=0)[..., None])[..., 0] * (labels != -100)).sum(1)  # (rows,)
         for state, scores in zip(chunk, answer.split([len(s[3]) for s in chunk])):
             probabilities.append(scores.softmax(0)[state.expert].item())
-    return float(np.mean(probabilities))
+    return np.array(probabilities)
 
 
 # ---------------------------------------------------------------------------- build, ship, find
