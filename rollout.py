@@ -3,6 +3,8 @@
 """What one env step stores, so that the update never runs the processor again:
 
     input_ids, mm_token_type_ids (P_i,)   the prompt exactly as generate() saw it, padding stripped
+    image_features                        what the frozen vision tower made of its K frames, computed once
+                                          (encode_images); where a family cannot take them back, its pixels:
     pixel_values (patches_i, D), image_grid_thw (K, 3)   Qwen's packed patches; else pixel_values (K', 3, H, W)
     response_ids, logprobs, ref_logprobs (R_i,)   generated tokens through the first end-of-turn token
     value, reward, terminated, truncated, bootstrap_value   (scalars, in (T, N) tensors)
@@ -12,6 +14,7 @@ token is the last prompt column of every row), responses right-padded with a tok
 """
 import contextlib
 import dataclasses
+import inspect
 import json
 from pathlib import Path
 
@@ -19,6 +22,7 @@ import torch
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from PIL import Image
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from flags import fail
 
@@ -51,6 +55,41 @@ def compute_context(model):
     if not any(p.dtype == torch.bfloat16 for p in model.parameters()):
         return contextlib.nullcontext()
     return torch.autocast(device_type=model.device.type, dtype=torch.bfloat16)
+
+
+def encode_images(model, inputs):
+    """Run the frozen vision tower once: prompt inputs -> the same inputs with `mm_encoder_outputs` (transformers'
+    pre-encoded images, which generate() and forward() take in place of pixels) instead of the pixel tensors. The
+    tower never trains (vlm.freeze_and_adapt), so its output for a frame is the same in generate, the scoring and
+    reference forwards and every PPO epoch: computing it once removes most of a small model's forward on MiniWorld's
+    4 frames. Families whose image output carries more than per-image features (Qwen3-VL's deepstack layers) keep
+    their pixels."""
+    base = base_model(model)
+    encoder = getattr(base, "get_image_features", None)
+    pixel_keys = [k for k in inputs.keys() if k.startswith("pixel_values")]
+    if encoder is None or not pixel_keys or "mm_encoder_outputs" not in inspect.signature(base.forward).parameters:
+        return inputs
+    kwargs = {k: inputs[k] for k in inspect.signature(encoder).parameters if k in inputs}
+    with torch.no_grad(), compute_context(model):
+        features = encoder(**kwargs, return_dict=True)
+    extra = [k for k, v in features.items() if v is not None and k not in ("last_hidden_state", "pooler_output",
+                                                                            "hidden_states", "attentions")]
+    if extra or not isinstance(features.pooler_output, (torch.Tensor, tuple, list)):
+        return inputs
+    encoded = {k: v for k, v in inputs.items() if k not in pixel_keys}
+    encoded["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=features.pooler_output)}
+    return encoded
+
+
+def image_features(inputs):
+    """The pre-encoded images of inputs (a tensor with a row per image or tile, or a tuple of per-image tensors),
+    or None where the inputs carry pixels."""
+    encoded = inputs.get("mm_encoder_outputs")
+    return None if encoded is None else encoded["image"].pooler_output
+
+
+def with_image_features(inputs, features):
+    return dict(inputs, mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=features)})
 
 
 def eos_token_ids(model):
@@ -155,7 +194,7 @@ def answer(model, processor, frames, prompts, sampling):
     """Observations -> answers, the one path from what an env shows to what the model says (rollouts, evaluation,
     the tiny model's probes): the prompt as the processor builds it, one batched generate, decoded up to each row's
     end of turn. frames: per row a list of (H, W, 3) images; prompts: per row the text."""
-    inputs = prompt_inputs(processor, frames, prompts, model.device)
+    inputs = encode_images(model, prompt_inputs(processor, frames, prompts, model.device))
     pad_token_id = processor.tokenizer.pad_token_id
     response_ids = generate(model, inputs, pad_token_id, sampling)  # (B, R)
     token_mask = response_mask(response_ids, torch.tensor(eos_token_ids(model), device=model.device))  # (B, R)
@@ -170,12 +209,17 @@ def split_steps(inputs, response_ids, token_mask):
     number of frames of one size."""
     num_rows = inputs["input_ids"].shape[0]
     images = [{} for _ in range(num_rows)]
-    if "image_grid_thw" in inputs:  # (all patches, D) with a (t, h, w) grid per image
+    features = image_features(inputs)
+    if features is not None:  # per image (Qwen, LLaVA) or per image / tile (Gemma 3, InternVL, SmolVLM)
+        per_row = len(features) // num_rows  # every env shows K frames of one size
+        parts = [features[i * per_row: (i + 1) * per_row] for i in range(num_rows)]
+        images = [dict(image_features=p.cpu() if torch.is_tensor(p) else tuple(f.cpu() for f in p)) for p in parts]
+    elif "image_grid_thw" in inputs:  # (all patches, D) with a (t, h, w) grid per image
         images_per_row = inputs["image_grid_thw"].shape[0] // num_rows  # every env shows K frames
         grids = inputs["image_grid_thw"].cpu().split(images_per_row)  # N x (K, 3)
         pixels = inputs["pixel_values"].cpu().split([int(g.prod(-1).sum()) for g in grids])  # N x (patches, D)
         images = [dict(pixel_values=p, image_grid_thw=g) for p, g in zip(pixels, grids)]
-    for key in inputs.keys() - SEQUENCE_KEYS - images[0].keys():  # (N * K', ...) -> N x (K', ...)
+    for key in inputs.keys() - SEQUENCE_KEYS - images[0].keys() - {"mm_encoder_outputs"}:  # N * K' -> N x K'
         for image, part in zip(images, inputs[key].cpu().split(len(inputs[key]) // num_rows)):
             image[key] = part
     prompt_lengths = inputs["attention_mask"].sum(1).tolist()
@@ -198,8 +242,14 @@ def collate(steps, pad_token_id, device):
             pad = pad_token_id if key == "input_ids" else 0
             inputs[key] = torch.stack([torch.cat([s[key].new_full((prompt_len - len(s[key]),), pad), s[key]])
                                        for s in steps]).to(device)  # (B, P), left-padded
-    for key in steps[0].keys() - SEQUENCE_KEYS - {"response_ids"}:  # images: Qwen (patches, D), (B * K, 3); others
-        inputs[key] = torch.cat([s[key] for s in steps]).to(device)
+    for key in steps[0].keys() - SEQUENCE_KEYS - {"response_ids", "image_features"}:  # images: Qwen (patches, D),
+        inputs[key] = torch.cat([s[key] for s in steps]).to(device)  # (B * K, 3); others (B * K', ...)
+    if "image_features" in steps[0]:  # a tensor (B * K', ...) or a tuple of B * K tensors
+        if torch.is_tensor(steps[0]["image_features"]):
+            features = torch.cat([s["image_features"] for s in steps]).to(device)
+        else:
+            features = tuple(f.to(device) for s in steps for f in s["image_features"])
+        inputs = with_image_features(inputs, features)
     response_ids = torch.full((len(steps), response_len), pad_token_id, dtype=torch.long)
     token_mask = torch.zeros((len(steps), response_len), dtype=torch.bool)
     for i, s in enumerate(steps):

@@ -1480,8 +1480,8 @@ def test_loop_advantages_hand_computed():
 
 
 def first_frames(batch, num_envs):
-    """Each episode's first stored step's pixels, (num_envs,) list."""
-    return [batch.steps[batch.episode_of_step.tolist().index(i)]["pixel_values"] for i in range(num_envs)]
+    """Each episode's first stored step's image features (the vision tower's output for its frames), (num_envs,)."""
+    return [torch.cat(batch.steps[batch.episode_of_step.tolist().index(i)]["image_features"]) for i in range(num_envs)]
 
 
 def test_loop_rollout_groups_episodes_by_task(tiny_dir):
@@ -2056,6 +2056,19 @@ def test_other_families_train(tmp_path, family):
         agent, processor = make_agent(args)
         assert rollout.base_model(agent.policy).config.model_type == family
         assert len(agent.suppress_token_ids) == dict(gemma3=3, internvl=1, llava_onevision=2, smolvlm=1).get(family, 4)
+        # the frozen vision tower runs once per step; its stored features stand in for the pixels, to the bit
+        env = envs.make_env(env_id)
+        frames, prompts = [list(env.reset(seed=seed)[0]) for seed in (0, 1)], [env.prompt()] * 2
+        pixels = rollout.prompt_inputs(processor, frames, prompts, "cpu")
+        encoded = rollout.encode_images(agent.policy, pixels)
+        assert ("mm_encoder_outputs" in encoded) == (family != "qwen3_vl")  # Qwen3-VL: deepstack, keeps pixels
+        response = torch.tensor([processor.tokenizer("turn left", add_special_tokens=False).input_ids[:3]] * 2)
+        mask = torch.ones_like(response, dtype=torch.bool)
+        stored, _, _ = rollout.collate(rollout.split_steps(encoded, response, mask),
+                                       processor.tokenizer.pad_token_id, "cpu")
+        with torch.no_grad():
+            direct, kept = (agent._hidden(agent.policy, x, response, mask) for x in (pixels, stored))
+        assert torch.equal(direct, kept)
         _, batch = collect(agent, processor, args)
         inputs, response_ids, mask = rollout.collate(batch.steps, processor.tokenizer.pad_token_id, "cpu")
         old, ref = (rollout.pad_stack(x, response_ids.shape[1]) for x in (batch.logprobs, batch.ref_logprobs))

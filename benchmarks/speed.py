@@ -30,9 +30,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = {"authors": "1:128:1", "ours": "16:64:32"}  # ENVS:MINIBATCH:MICRO
-PARTS = ["generate", "scoring forward", "reference forward", "backward + optimizer", "processor / images",
-         "env steps", "everything else"]
-MODEL_PARTS = PARTS[:4]  # model compute
+PARTS = ["generate", "vision tower", "scoring forward", "reference forward", "backward + optimizer",
+         "processor / images", "env steps", "everything else"]
+MODEL_PARTS = PARTS[:5]  # model compute
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--env-steps", type=int, default=256, help="env steps per configuration (one rollout)")
@@ -141,6 +141,7 @@ def run_worker(a):
     agent.get_logprobs_and_value = timed("scoring forward", agent.get_logprobs_and_value)  # rollout and update
     agent.get_value = timed("scoring forward", agent.get_value)  # bootstrap values of truncated / last states
     agent.get_reference_logprobs = timed("reference forward", agent.get_reference_logprobs)
+    rollout.encode_images = timed("vision tower", rollout.encode_images)  # once per step (where the family can)
     rollout.prompt_inputs = timed("processor / images", rollout.prompt_inputs)
     rollout.collate = timed("processor / images", rollout.collate)
     for env in env_list:
@@ -168,7 +169,7 @@ def run_worker(a):
         rollout_seconds=rollout_seconds, sps=args.batch_size / seconds, parts={p: totals[p] for p in PARTS},
         response_tokens=batch.response_tokens, max_new_tokens=args.max_new_tokens, lora_r=args.lora_r,
         ms_per_decode_step=1000 * totals["generate"] / max(1, decode_steps[0]), decode_steps=decode_steps[0],
-        static_cache=agent.static_cache, merge_lora=agent.merge_lora,
+        static_cache=agent.sampling.static_cache, merge_lora=agent.sampling.merge_lora,
         parameters=sum(p.numel() for p in agent.policy.parameters()),
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # KiB on Linux
         peak_gpu_mb=torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
