@@ -2431,6 +2431,27 @@ def test_shipped_prior_is_weak_and_as_measured(tiny_families, env_id):
     success = record["success_rate"]
     assert abs(success - p) <= 3 * math.sqrt(p * (1 - p) / n) and success > 0, success
 
+
+def test_a_short_run_from_the_prior_raises_the_experts_probability(tiny_families, tmp_path):
+    """RL lifts the prior, seen where it moves first: 384 env steps of vldac.py on OneRoom (8 envs, 2 warm-up and 4
+    policy updates) raise the base model's probability of the expert's action on 100 held-out states, on most states
+    and by far more than its paired standard error (measured: 0.417 -> 0.484, SE 0.005, up on 94 of 100). The run
+    uses the dense reward (--reward-shaping: progress toward the box): under the sparse one no OneRoom episode ends
+    within 48 steps per env (they run up to 128), so nothing rewards the update this early (measured at 512 env
+    steps: 0.417 -> 0.379, the update fitting noise)."""
+    out = tmp_path / "model"
+    result = run_script(tmp_path, "--env-id", "MiniWorld-OneRoom-v0", "--num-envs", "8", "--total-timesteps", "384",
+                        "--reward-shaping", "0.3", "--seed", "1", "--eval-episodes", "0", "--save-model",
+                        "--save-dir", str(out), "--model-id", "tiny")
+    assert result.returncode == 0, result.stderr[-2000:]
+    env_id = "MiniWorld-OneRoom-v0"
+    base = tiny_vlm.expert_probabilities(*tiny_families("miniworld"), env_id, num_states=100)
+    trained = tiny_vlm.expert_probabilities(*vlm.load_policy(str(out)), env_id, num_states=100)
+    gain = trained - base  # paired by state
+    error = gain.std(ddof=1) / math.sqrt(len(gain))
+    assert gain.mean() > max(0.02, 4 * error) and (gain > 0).mean() > 0.75, (base.mean(), trained.mean(), error)
+
+
 # ---- evaluate.py ----
 
 EVAL = ["--env-ids", ENV_ID, "--num-episodes", "4", "--num-envs", "4", "--caption-frames", "10"]
