@@ -16,7 +16,7 @@ Before RL, per env, from the base tiny model (child processes, one thread each; 
   reach without looking, so that a gain above it needs the frames.
 Blackjack also gets the exact expected return of basic strategy (the best hit/stand decision for every hand,
 an infinite deck, these rules) and of the random policy, by recursion over the cards (blackjack_return).
-Per run: the success rate over the episodes that ended in the first and in the last quarter of the env steps (from
+Per run: the success rate over the episodes that ended in each quarter of the env steps (from
 the run's stdout); from `charts/success_rate` and `charts/episodic_return` per iteration: the peak of the
 3-iteration moving average, the env steps and minutes (since launch, model loading included) at which that
 average first reaches the env's target, and the mean return over the last quarter of the run.
@@ -143,16 +143,16 @@ def base_reports(out, env_ids):
 
 # ---------------------------------------------------------------- the table
 def episode_success(run_dir):
-    """(episodes, successes) in the first and in the last quarter of the run's env steps, from vldac.py's stdout:
-    MiniWorld's 128-step episodes end a few per iteration, so an average over iterations would weigh one episode
-    as much as sixteen."""
+    """(episodes, successes) in each quarter of the run's env steps, from vldac.py's stdout: MiniWorld's 128-step
+    episodes end a few per iteration, so an average over iterations would weigh one episode as much as sixteen."""
     line = re.compile(r"steps (\d+) SPS [\d.]+ \| success ([\d.]+) return \S+ \((\d+) episodes\)")
     rows = [(int(m[1]), float(m[2]), int(m[3])) for m in line.finditer((run_dir / "train.log").read_text())]
     last = rows[-1][0] if rows else 0
-    def quarter(keep):  # (episodes, successes); the log rounds the rate to 2 digits, a count of wins is whole
-        return sum(n for s, x, n in rows if keep(s)), sum(round(x * n) for s, x, n in rows if keep(s))
+    def quarter(q):  # (episodes, successes); the log rounds the rate to 2 digits, a count of wins is whole
+        keep = [(x, n) for s, x, n in rows if last * q / 4 < s <= last * (q + 1) / 4]
+        return sum(n for _, n in keep), sum(round(x * n) for x, n in keep)
 
-    return quarter(lambda s: s <= last / 4), quarter(lambda s: s > last * 3 / 4)
+    return [quarter(q) for q in range(4)]
 
 
 def summarise(run, target):
@@ -176,18 +176,19 @@ def report(results, env_ids, base, out):
                      f"{b['random_success']:.3f} | {b['random_return']:.3f} | "
                      f"{'-' if b.get('forward_success') is None else format(b['forward_success'], '.3f')} |")
     lines += ["", "## RL: VL-DAC with the tiny defaults", "",
-              "| env | variant | seed | success: first quarter -> last quarter of the env steps (episodes) | peak "
+              "| env | variant | seed | success by quarter of the env steps (episodes in the last) | peak "
               "(3-iteration mean) | target: env steps, minutes | mean return, last quarter | caption after RL | "
               "env steps, minutes in all |", "|" + "---|" * 9]
     for env_id in env_ids:
         target = TARGETS.get(env_id)
         for run in sorted((r for r in results if r["env_id"] == env_id), key=lambda r: (r["variant"], r["seed"])):
             s = summarise(run, target)
-            (n1, w1), (n4, w4) = episode_success(out / env_id.split("/")[-1] / run["variant"] / f"seed{run['seed']}")
+            quarters = episode_success(out / env_id.split("/")[-1] / run["variant"] / f"seed{run['seed']}")
             reach = "-" if target is None else (f">= {target}: never" if s["steps_to"] is None else
                                                 f">= {target}: {s['steps_to']:,}, {s['minutes_to']:.1f} min")
-            lines.append(f"| {env_id} | {run['variant']} | {run['seed']} | {w1 / max(n1, 1):.3f} ({n1}) -> "
-                         f"{w4 / max(n4, 1):.3f} ({n4}) | {s['peak']:.2f} | {reach} | {s['last_return']:.3f} | "
+            by_quarter = " / ".join(f"{w / n:.3f}" if n else "-" for n, w in quarters)
+            lines.append(f"| {env_id} | {run['variant']} | {run['seed']} | {by_quarter} ({quarters[-1][0]}) | "
+                         f"{s['peak']:.2f} | {reach} | {s['last_return']:.3f} | "
                          f"{run['caption_after']:.3f} | {s['steps']:,}, {s['minutes']:.1f} min |")
     if "gym_cards/Blackjack-v0" in env_ids:
         lines += ["", f"Blackjack, expected return per hand under these rules (exact, `blackjack_return`): basic "
