@@ -60,7 +60,7 @@ def compute_context(model):
 def encode_images(model, inputs):
     """Run the frozen vision tower once: prompt inputs -> the same inputs with `mm_encoder_outputs` (transformers'
     pre-encoded images, which generate() and forward() take in place of pixels) instead of the pixel tensors. The
-    tower never trains (vlm.freeze_and_adapt), so its output for a frame is the same in generate, the scoring and
+    tower never trains (vlm.prepare_policy), so its output for a frame is the same in generate, the scoring and
     reference forwards and every PPO epoch: computing it once removes most of a small model's forward on MiniWorld's
     4 frames. Families whose image output carries more than per-image features (Qwen3-VL's deepstack layers) keep
     their pixels."""
@@ -76,9 +76,7 @@ def encode_images(model, inputs):
                                                                             "hidden_states", "attentions")]
     if extra or not isinstance(features.pooler_output, (torch.Tensor, tuple, list)):
         return inputs
-    encoded = {k: v for k, v in inputs.items() if k not in pixel_keys}
-    encoded["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=features.pooler_output)}
-    return encoded
+    return with_image_features({k: v for k, v in inputs.items() if k not in pixel_keys}, features.pooler_output)
 
 
 def image_features(inputs):
