@@ -2798,13 +2798,14 @@ def test_cli_errors_exit_2(tmp_path):
 # ---- learning: the quick start, shortened ----
 
 def test_quickstart_learns_numberline(tiny_pretrained, tmp_path):
-    """`python vldac.py --env-id gym_cards/NumberLine-v0` (the shipped tiny model, its defaults) cut to 6144 env
-    steps: the success rate of the last 8 iterations (about 200 episodes) is far above the random policy's
-    0.61 (4 standard errors at 0.75). The full acceptance (the last quarter's episodes >= 0.9, 5 seeds, and other
-    builds of the recipe) is benchmarks/quickstart_robustness.py. Runs first, beside the other tests (conftest.py)."""
+    """`python vldac.py --env-id gym_cards/NumberLine-v0` (the shipped tiny model, its defaults) cut to 4608 env
+    steps: the success rate of the last 8 iterations (about 300 episodes; measured 0.98) is far above the random
+    policy's 0.61 (4 standard errors at 0.75). The full acceptance (the last quarter's episodes >= 0.9, 5 seeds,
+    and other builds of the recipe) is benchmarks/quickstart_robustness.py. Runs first, beside the other tests
+    (conftest.py)."""
     env = dict(os.environ)
     result = subprocess.run([sys.executable, str(HERE / "vldac.py"), "--env-id", "gym_cards/NumberLine-v0",
-                             "--total-timesteps", "6144", "--seed", "1", "--eval-episodes", "10", "--threads", "1"],
+                             "--total-timesteps", "4608", "--seed", "1", "--eval-episodes", "10", "--threads", "1"],
                             cwd=tmp_path,
                             capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -2814,5 +2815,5 @@ def test_quickstart_learns_numberline(tiny_pretrained, tmp_path):
     assert len(list((run_dir / "videos").glob("*.gif"))) == 2 and "GIFs: runs/" in result.stdout, result.stdout[-800:]
     assert "tensorboard --logdir runs" in result.stdout and "evaluate.py --model-ids runs/" in result.stdout
     success = [value for _, value in scalars(run_dir)["charts/success_rate"]]
-    assert len(success) == 48, len(success)
+    assert len(success) == 36, len(success)
     assert np.mean(success[-8:]) >= 0.75, f"no learning: success by iteration {np.round(success, 2).tolist()}"
