@@ -63,11 +63,12 @@ def encode_images(model, inputs):
     tower never trains (vlm.prepare_policy), so its output for a frame is the same in generate, the scoring and
     reference forwards and every PPO epoch: computing it once removes most of a small model's forward on MiniWorld's
     4 frames. Families whose image output carries more than per-image features (Qwen3-VL's deepstack layers) keep
-    their pixels."""
+    their pixels (found on the first call, then remembered on the model)."""
     base = base_model(model)
     encoder = getattr(base, "get_image_features", None)
     pixel_keys = [k for k in inputs.keys() if k.startswith("pixel_values")]
-    if encoder is None or not pixel_keys or "mm_encoder_outputs" not in inspect.signature(base.forward).parameters:
+    if (encoder is None or not pixel_keys or getattr(base, "keeps_pixels", False)
+            or "mm_encoder_outputs" not in inspect.signature(base.forward).parameters):
         return inputs
     kwargs = {k: inputs[k] for k in inspect.signature(encoder).parameters if k in inputs}
     with torch.no_grad(), compute_context(model):
@@ -75,6 +76,7 @@ def encode_images(model, inputs):
     extra = [k for k, v in features.items() if v is not None and k not in ("last_hidden_state", "pooler_output",
                                                                             "hidden_states", "attentions")]
     if extra or not isinstance(features.pooler_output, (torch.Tensor, tuple, list)):
+        base.keeps_pixels = True  # only a forward tells: remembered, the tower runs here once per model
         return inputs
     return with_image_features({k: v for k, v in inputs.items() if k not in pixel_keys}, features.pooler_output)
 

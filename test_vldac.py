@@ -1,6 +1,7 @@
 # Tests for the VL-DAC reference implementation. Run: python -m pytest -q test_vldac.py
 import ast
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -2062,6 +2063,17 @@ def test_other_families_train(tmp_path, family):
         pixels = rollout.prompt_inputs(processor, frames, prompts, "cpu")
         encoded = rollout.encode_images(agent.policy, pixels)
         assert ("mm_encoder_outputs" in encoded) == (family != "qwen3_vl")  # Qwen3-VL: deepstack, keeps pixels
+        base, calls = rollout.base_model(agent.policy), []
+        tower = base.get_image_features
+
+        @functools.wraps(tower)
+        def counted(*a, **k):
+            calls.append(1)
+            return tower(*a, **k)
+        base.get_image_features = counted  # the next step's frames: Qwen3-VL's verdict is remembered, no tower pass
+        assert rollout.encode_images(agent.policy, pixels).keys() == encoded.keys()
+        del base.get_image_features
+        assert len(calls) == (family != "qwen3_vl"), calls
         response = torch.tensor([processor.tokenizer("turn left", add_special_tokens=False).input_ids[:3]] * 2)
         mask = torch.ones_like(response, dtype=torch.bool)
         stored, _, _ = rollout.collate(rollout.split_steps(encoded, response, mask),
