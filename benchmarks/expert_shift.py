@@ -6,11 +6,8 @@ fixed way). Success says whether a policy got better; this says which decisions 
     python -m benchmarks.expert_shift --env-id MiniWorld-OneRoom-v0 runs/grid_paper/MiniWorld-OneRoom-v0/*/seed*/model
 """
 import argparse
-from pathlib import Path
 
 import numpy as np
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def kinds(env_id, num_states, seed):
@@ -21,9 +18,9 @@ def kinds(env_id, num_states, seed):
     states = [s for s in tiny_vlm.held_out_states(env_id, num_states, seed) if s.expert is not None]
     if env_id not in envs.MINIWORLD_IDS:
         return np.array(["all"] * len(states))
-    captions = [s[2] for s in states]  # State: (frames, prompt, caption, actions, answer_of)
-    return np.array(["out of view" if "no red box" in c else "straight ahead" if "straight" in c else "to a side"
-                     for c in captions])
+    # State: (frames, prompt, caption, ...); the expert's own split (envs.miniworld_expert): forward = straight ahead
+    return np.array(["out of view" if s[2] == "no red box in view" else "straight ahead" if s.expert == 2
+                     else "to a side" for s in states])
 
 
 def main():
