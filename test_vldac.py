@@ -1631,6 +1631,46 @@ def test_kill_9_then_resume_continues_exactly(tiny_dir, tmp_path):
     assert not (run_b / "checkpoint.pt.tmp").exists()
 
 
+def test_ablation_run_cut_off_continues_from_its_checkpoint(tiny_dir, tmp_path, monkeypatch):
+    """benchmarks/ablations.py's run_one: a run killed mid-way (the end of a session) is resumed by the next
+    invocation from its checkpoint, not redone; its result logs each step once and counts both launches' time; a
+    finished run is then reused as it is."""
+    sys.path.insert(0, str(HERE / "benchmarks"))
+    import ablations
+
+    run_dir = tmp_path / "cell"
+    cmd = [sys.executable, str(HERE / "vldac.py"), *RESUMABLE, "--model-id", str(tiny_dir), "--save-model",
+           "--save-dir", str(run_dir / "model")]
+    monkeypatch.setattr(ablations, "run_paths", lambda *job: (run_dir, cmd))
+    monkeypatch.setattr(ablations, "run_probe", lambda model, env_id: 0.5)
+    launches = []
+
+    def launch(command, cwd, env, stdout, stderr):  # the first launch is killed after iteration 3's log line
+        launches.append(command)
+        if len(launches) > 1:
+            return subprocess.run(command, cwd=cwd, env=env, stdout=stdout, stderr=stderr)
+        proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                text=True)
+        for line in proc.stdout:
+            stdout.write(line)
+            if line.startswith("iter 3/"):
+                proc.kill()
+                break
+        return subprocess.CompletedProcess(command, proc.wait())
+
+    monkeypatch.setattr(ablations, "subprocess", types.SimpleNamespace(run=launch, STDOUT=subprocess.STDOUT))
+    assert ablations.run_one(tmp_path, ENV_ID, "vldac", 5, 60) is None  # killed: no result
+    assert (run_dir / "attempt.json").exists() and list(run_dir.glob("runs/*/checkpoint.pt"))
+    result = ablations.run_one(tmp_path, ENV_ID, "vldac", 5, 60)
+    assert launches[1][-2:] == ["--resume", str(next(run_dir.glob("runs/*")).relative_to(run_dir))]
+    assert result["launches"] == 2 and result["command"] == cmd and not (run_dir / "attempt.json").exists()
+    assert result["steps"] == sorted(set(result["steps"])) and result["steps"][-1] == 60
+    assert 0 < result["seconds"][-1] <= result["wall_s"] and result["seconds"] == sorted(result["seconds"])
+    log = (run_dir / "train.log").read_text()
+    assert log.count("iter 1/") == 1 and log.count("iter 6/") == 1 and "=== resumed from" in log
+    assert ablations.run_one(tmp_path, ENV_ID, "vldac", 5, 60) == result and len(launches) == 2
+
+
 def test_resume_takes_no_other_flags_and_says_when_the_run_is_finished(tmp_path, capsys):
     """Flags beside --resume would be silently ignored (the run continues with its own): refuse them. A run
     that finished has nothing left: say so and exit 0, before any model loads."""

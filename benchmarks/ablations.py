@@ -6,11 +6,13 @@ over seeds, +- standard error band, one line per variant), and prints it. Run:
     python -m benchmarks.ablations                                          # the full benchmark
     python -m benchmarks.ablations --total-timesteps 256 --seeds 1 --variants vldac rl4vlm-0.5 --out /tmp/abl
     python -m benchmarks.ablations --grid paper --jobs 2 --max-minutes 600 --transfer --figures docs/ablations
-Resumable: a run whose result.json was written by the same command is skipped, so an interrupted benchmark
-continues where it stopped; --max-minutes M starts no new run (nor transfer evaluation) after M minutes, then
-reports every result on disk for the selected cells and how many runs remain. Each run lives in
-OUT/{env}/{variant}/seed{S}/: train.log (stdout), runs/ (TensorBoard; vldac.py runs with that directory as its
-working directory), model/, result.json (and transfer.json with --transfer).
+Resumable: a run whose result.json was written by the same command is skipped, and a run cut off before it finished
+continues from its last checkpoint (run_one), so an interrupted benchmark continues where it stopped;
+--max-minutes M starts no new run (nor transfer evaluation) after M minutes, then reports every result on disk for
+the selected cells and how many runs remain. Each run lives in
+OUT/{env}/{variant}/seed{S}/: train.log (stdout), runs/ (TensorBoard and checkpoint; vldac.py runs with that
+directory as its working directory), model/, attempt.json while unfinished, then result.json (and transfer.json with
+--transfer).
 
 Per env and variant, over seeds (mean +- standard error), from `charts/success_rate` per iteration weighted by the
 number of episodes that ended in it (train.log's `(N episodes)`: MiniWorld ends one or two episodes per iteration,
@@ -109,19 +111,27 @@ def run_probe(model_id, env_id):
     return float(out.stdout.split()[-1])
 
 
-def read_charts(run_dir, start):
+def read_charts(run_dir, segments):
     """Per iteration that finished episodes, from the TensorBoard event file: env steps, success rate,
-    episodic return, and seconds since `start` (the run's launch, model loading included)."""
+    episodic return, and seconds of the run's own time (model loading included): segments are the run's launches,
+    [wall clock, seconds spent before it], one per resumption."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    [log_dir] = [p.parent for p in (run_dir / "runs").glob("*/events.out.tfevents.*")]
+    [log_dir] = {p.parent for p in (run_dir / "runs").glob("*/events.out.tfevents.*")}  # a file per launch
     events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})  # 0: keep every point
     events.Reload()
     logged = events.Tags()["scalars"]
     scalars = lambda tag: events.Scalars(tag) if tag in logged else []  # a run that ended no episode logs none
     success, returns = scalars("charts/success_rate"), scalars("charts/episodic_return")
     return dict(steps=[p.step for p in success], success=[p.value for p in success],
-                returns=[p.value for p in returns], seconds=[round(p.wall_time - start, 1) for p in success])
+                returns=[p.value for p in returns], seconds=[round(elapsed(segments, p.wall_time), 1) for p in success])
+
+
+def elapsed(segments, wall_time):
+    """Seconds of a run's own time at wall_time: into the launch that logged it, plus what the run spent before
+    that launch (a resumed run's gaps between launches do not count)."""
+    started, before = max((seg for seg in segments if seg[0] <= wall_time), default=segments[0])  # latest launch
+    return before + wall_time - started
 
 
 def run_paths(out, env_id, variant, seed, total_timesteps):
@@ -148,26 +158,45 @@ def finished(out, env_id, variant, seed, total_timesteps):
 
 def run_one(out, env_id, variant, seed, total_timesteps, deadline=None):
     """Train one (env, variant, seed), probe its captions, write result.json; skip if already done. Past the
-    deadline (time.time()) a run not yet done is not started: None."""
+    deadline (time.time()) a run not yet done is not started: None. A run cut off earlier (Ctrl-C, kill, end of a
+    session) by the same command continues from its last checkpoint (vldac.py --resume): its iterations after that
+    checkpoint are redone, and MiniWorld, whose envs cannot be saved, starts new episodes there. Its cost, wall_s,
+    is the time each launch spent up to its last checkpoint, plus the last launch whole."""
     done = finished(out, env_id, variant, seed, total_timesteps)
     if done or (deadline is not None and time.time() > deadline):
         return done
     run_dir, cmd = run_paths(out, env_id, variant, seed, total_timesteps)
-    shutil.rmtree(run_dir, ignore_errors=True)  # a half-finished earlier attempt: start it again
-    run_dir.mkdir(parents=True)
+    attempt = run_dir / "attempt.json"  # command, tiny model and launches of a run not yet finished
+    earlier = json.loads(attempt.read_text()) if attempt.exists() else {}
+    saved = sorted((run_dir / "runs").glob("*/checkpoint.pt"))
+    if saved and earlier.get("command") == cmd and earlier.get("model") == tiny_model_name(env_id):
+        segments, (started, before) = earlier["segments"], earlier["segments"][-1]
+        spent = before + saved[0].stat().st_mtime - started  # work after the checkpoint is lost: not counted
+        resume = str(saved[0].parent.relative_to(run_dir))  # runs/{run_name}, relative to the run's working directory
+        launch, mode = [sys.executable, str(ROOT / "vldac.py"), "--resume", resume], "a"
+    else:
+        shutil.rmtree(run_dir, ignore_errors=True)  # a different or checkpoint-less earlier attempt: start again
+        run_dir.mkdir(parents=True)
+        segments, spent, launch, mode = [], 0.0, cmd, "w"
     start = time.time()
-    with open(run_dir / "train.log", "w") as log:
-        code = subprocess.run(cmd, cwd=run_dir, env=child_env(), stdout=log, stderr=subprocess.STDOUT).returncode
+    segments.append([start, spent])
+    attempt.write_text(json.dumps(dict(command=cmd, model=tiny_model_name(env_id), segments=segments)))
+    with open(run_dir / "train.log", mode) as log:
+        if mode == "a":
+            print(f"=== resumed from {saved[0]} ({spent:.0f} s spent before)", file=log, flush=True)
+        code = subprocess.run(launch, cwd=run_dir, env=child_env(), stdout=log, stderr=subprocess.STDOUT).returncode
     if code != 0:
         print(f"FAILED (exit {code}): {env_id} {variant} seed {seed}, see {run_dir / 'train.log'}", flush=True)
         return None
-    wall = time.time() - start
-    charts = read_charts(run_dir, start)
+    wall = spent + time.time() - start
+    charts = read_charts(run_dir, segments)
     result = dict(env_id=env_id, variant=variant, seed=seed, command=cmd, model=tiny_model_name(env_id),
-                  wall_s=round(wall, 1), **charts, episodes=episode_counts(run_dir, charts["steps"]),
-                  caption_after=run_probe(run_dir / "model", env_id))
+                  wall_s=round(wall, 1), launches=len(segments), **charts,
+                  episodes=episode_counts(run_dir, charts["steps"]), caption_after=run_probe(run_dir / "model", env_id))
     (run_dir / "result.json").write_text(json.dumps(result, indent=1))
-    print(f"done: {env_id} {variant} seed {seed} in {wall:.0f} s", flush=True)
+    attempt.unlink()
+    launches = f" ({len(segments)} launches)" if len(segments) > 1 else ""
+    print(f"done: {env_id} {variant} seed {seed} in {wall:.0f} s{launches}", flush=True)
     return result
 
 
