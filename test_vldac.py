@@ -2110,9 +2110,9 @@ def test_other_families_train(tmp_path, family):
         def counted(*a, **k):
             calls.append(1)
             return tower(*a, **k)
-        base.get_image_features = counted  # the next step's frames: Qwen3-VL's verdict is remembered, no tower pass
-        assert rollout.encode_images(agent.policy, pixels).keys() == encoded.keys()
-        del base.get_image_features
+        with pytest.MonkeyPatch.context() as patch:  # undone even when the assertion fails
+            patch.setattr(base, "get_image_features", counted)  # next step: Qwen3-VL's verdict remembered, no tower
+            assert rollout.encode_images(agent.policy, pixels).keys() == encoded.keys()
         assert len(calls) == (family != "qwen3_vl"), calls
         response = torch.tensor([processor.tokenizer("turn left", add_special_tokens=False).input_ids[:3]] * 2)
         mask = torch.ones_like(response, dtype=torch.bool)
