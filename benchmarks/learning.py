@@ -6,7 +6,8 @@ Writes a markdown table to OUT/learning.md (default docs/learning.md) and prints
     python -m benchmarks.learning --envs gym_cards/Blackjack-v0 --seeds 1 --total-timesteps 512 --out /tmp/learn
     python -m benchmarks.learning --envs MiniWorld-OneRoom-v0 --variants vldac-shaped --total-timesteps 6144
 Resumable: runs go through benchmarks/ablations.py's run_one (default variant `vldac`; --variants picks others from
-its VARIANTS, e.g. `vldac-shaped`, the diagnostic with MiniWorld's reward shaping), so a finished run is never redone.
+its VARIANTS, e.g. `vldac-shaped`, the diagnostic with MiniWorld's reward shaping), so a finished run is never redone
+and a run cut off before the end continues from its last checkpoint.
 
 Before RL, per env, from the base tiny model (child processes, one thread each; OUT/base.json):
 - caption accuracy on 200 held-out frames (tiny_vlm.caption_accuracy);
