@@ -1668,6 +1668,9 @@ def test_ablation_run_cut_off_continues_from_its_checkpoint(tiny_dir, tmp_path, 
     assert 0 < result["seconds"][-1] <= result["wall_s"] and result["seconds"] == sorted(result["seconds"])
     log = (run_dir / "train.log").read_text()
     assert log.count("iter 1/") == 1 and log.count("iter 6/") == 1 and "=== resumed from" in log
+    from benchmarks import learning  # its quarters count each env step once, though the log repeats some
+
+    assert sum(n for n, _ in learning.episode_success(run_dir)) == sum(result["episodes"])
     assert ablations.run_one(tmp_path, ENV_ID, "vldac", 5, 60) == result and len(launches) == 2
 
 

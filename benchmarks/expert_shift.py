@@ -11,7 +11,8 @@ import numpy as np
 
 
 def kinds(env_id, num_states, seed):
-    """Per held-out state that has an expert action (expert_probabilities' order): what the frame shows."""
+    """Per held-out state that has an expert action (expert_probabilities' order): what the frame shows (MiniWorld;
+    elsewhere one kind, "all")."""
     import envs
     import tiny_vlm
 
@@ -38,8 +39,9 @@ def main():
 
     torch.set_num_threads(1)
     groups = kinds(args.env_id, args.num_states, args.seed)
-    names = sorted(set(groups), key=["straight ahead", "to a side", "out of view", "all"].index)
-    print(f"| model | all ({len(groups)} states) | " + " | ".join(f"{k} ({(groups == k).sum()})" for k in names) + " |")
+    names = [k for k in ("straight ahead", "to a side", "out of view") if k in groups]  # none beyond MiniWorld
+    print("| " + " | ".join(["model", f"all ({len(groups)} states)", *(f"{k} ({(groups == k).sum()})" for k in names)])
+          + " |")
     print("|---" * (len(names) + 2) + "|")
     base = tiny_vlm.tiny_model_path(tiny_vlm.family_of(args.env_id))  # what --model-id tiny trains
     for model_id in [base, *args.models]:
@@ -47,8 +49,8 @@ def main():
         with torch.no_grad():
             p = tiny_vlm.expert_probabilities(model, processor, args.env_id, args.num_states, args.seed)
         label = "base model" if model_id == base else model_id
-        print(f"| {label} | {p.mean():.3f} | " + " | ".join(f"{p[groups == k].mean():.3f}" for k in names) + " |",
-              flush=True)
+        print("| " + " | ".join([label, *(f"{x:.3f}" for x in [p.mean(), *(p[groups == k].mean() for k in names)])])
+              + " |", flush=True)
 
 
 if __name__ == "__main__":

@@ -145,10 +145,12 @@ def base_reports(out, env_ids):
 # ---------------------------------------------------------------- the table
 def episode_success(run_dir):
     """(episodes, successes) in each quarter of the run's env steps, from vldac.py's stdout: MiniWorld's 128-step
-    episodes end a few per iteration, so an average over iterations would weigh one episode as much as sixteen."""
+    episodes end a few per iteration, so an average over iterations would weigh one episode as much as sixteen. A
+    resumed run's log repeats the iterations after its last checkpoint: the last line of each env step counts."""
     line = re.compile(r"steps (\d+) SPS [\d.]+ \| success ([\d.]+) return \S+ \((\d+) episodes\)")
-    rows = [(int(m[1]), float(m[2]), int(m[3])) for m in line.finditer((run_dir / "train.log").read_text())]
-    last = rows[-1][0] if rows else 0
+    rows = {int(m[1]): (int(m[1]), float(m[2]), int(m[3])) for m in line.finditer((run_dir / "train.log").read_text())}
+    rows = list(rows.values())
+    last = max(rows)[0] if rows else 0
     def quarter(q):  # (episodes, successes); the log rounds the rate to 2 digits, a count of wins is whole
         keep = [(x, n) for s, x, n in rows if last * q / 4 < s <= last * (q + 1) / 4]
         return sum(n for _, n in keep), sum(round(x * n) for x, n in keep)
