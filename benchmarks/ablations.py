@@ -166,10 +166,11 @@ def run_one(out, env_id, variant, seed, total_timesteps, deadline=None):
     if done or (deadline is not None and time.time() > deadline):
         return done
     run_dir, cmd = run_paths(out, env_id, variant, seed, total_timesteps)
+    model = tiny_model_name(env_id)
     attempt = run_dir / "attempt.json"  # command, tiny model and launches of a run not yet finished
     earlier = json.loads(attempt.read_text()) if attempt.exists() else {}
     saved = sorted((run_dir / "runs").glob("*/checkpoint.pt"))
-    if saved and earlier.get("command") == cmd and earlier.get("model") == tiny_model_name(env_id):
+    if saved and earlier.get("command") == cmd and earlier.get("model") == model:
         segments, (started, before) = earlier["segments"], earlier["segments"][-1]
         spent = before + saved[0].stat().st_mtime - started  # work after the checkpoint is lost: not counted
         resume = str(saved[0].parent.relative_to(run_dir))  # runs/{run_name}, relative to the run's working directory
@@ -180,7 +181,7 @@ def run_one(out, env_id, variant, seed, total_timesteps, deadline=None):
         segments, spent, launch, mode = [], 0.0, cmd, "w"
     start = time.time()
     segments.append([start, spent])
-    attempt.write_text(json.dumps(dict(command=cmd, model=tiny_model_name(env_id), segments=segments)))
+    attempt.write_text(json.dumps(dict(command=cmd, model=model, segments=segments)))
     with open(run_dir / "train.log", mode) as log:
         if mode == "a":
             print(f"=== resumed from {saved[0]} ({spent:.0f} s spent before)", file=log, flush=True)
@@ -190,7 +191,7 @@ def run_one(out, env_id, variant, seed, total_timesteps, deadline=None):
         return None
     wall = spent + time.time() - start
     charts = read_charts(run_dir, segments)
-    result = dict(env_id=env_id, variant=variant, seed=seed, command=cmd, model=tiny_model_name(env_id),
+    result = dict(env_id=env_id, variant=variant, seed=seed, command=cmd, model=model,
                   wall_s=round(wall, 1), launches=len(segments), **charts,
                   episodes=episode_counts(run_dir, charts["steps"]), caption_after=run_probe(run_dir / "model", env_id))
     (run_dir / "result.json").write_text(json.dumps(result, indent=1))
@@ -200,15 +201,21 @@ def run_one(out, env_id, variant, seed, total_timesteps, deadline=None):
     return result
 
 
-def episode_counts(run_dir, steps):
-    """Episodes that ended in each iteration of `steps` (env steps), from vldac.py's stdout (`... success X return Y
-    (N episodes) ...`); None without a log."""
+def logged_iterations(run_dir):
+    """{env steps: (success rate, episodes that ended)} per iteration of vldac.py's stdout (`... success X return Y
+    (N episodes) ...`; X is nan where none ended); {} without a log. A resumed run's log repeats the iterations
+    after its last checkpoint: the last line of each env step wins."""
     log = run_dir / "train.log"
-    if not log.exists():
+    line = re.compile(r"steps (\d+) SPS \S+ \| success (\S+) return \S+ \((\d+) episodes\)")
+    return {int(m[1]): (float(m[2]), int(m[3])) for m in line.finditer(log.read_text())} if log.exists() else {}
+
+
+def episode_counts(run_dir, steps):
+    """Episodes that ended in each iteration of `steps` (env steps), from vldac.py's stdout; None without a log."""
+    if not (run_dir / "train.log").exists():
         return None
-    line = re.compile(r"steps (\d+) SPS \S+ \| success \S+ return \S+ \((\d+) episodes\)")
-    counts = {int(m[1]): int(m[2]) for m in line.finditer(log.read_text())}
-    return [counts.get(step, 0) for step in steps]
+    counts = logged_iterations(run_dir)
+    return [counts[step][1] if step in counts else 0 for step in steps]
 
 
 def weights(run):

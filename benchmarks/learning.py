@@ -26,7 +26,6 @@ import argparse
 import functools
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -34,7 +33,16 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from benchmarks.ablations import ROOT, VARIANTS, child_env, hardware, moving_average, run_one, tiny_model_name
+from benchmarks.ablations import (
+    ROOT,
+    VARIANTS,
+    child_env,
+    hardware,
+    logged_iterations,
+    moving_average,
+    run_one,
+    tiny_model_name,
+)
 
 # env steps per run: about 30 minutes of one core at the tiny model's speed on each env (measured SPS x 1800 s)
 BUDGETS = {
@@ -147,9 +155,7 @@ def episode_success(run_dir):
     """(episodes, successes) in each quarter of the run's env steps, from vldac.py's stdout: MiniWorld's 128-step
     episodes end a few per iteration, so an average over iterations would weigh one episode as much as sixteen. A
     resumed run's log repeats the iterations after its last checkpoint: the last line of each env step counts."""
-    line = re.compile(r"steps (\d+) SPS [\d.]+ \| success ([\d.]+) return \S+ \((\d+) episodes\)")
-    rows = {int(m[1]): (int(m[1]), float(m[2]), int(m[3])) for m in line.finditer((run_dir / "train.log").read_text())}
-    rows = list(rows.values())
+    rows = [(step, x, n) for step, (x, n) in logged_iterations(run_dir).items() if n]  # none ended: success nan
     last = max(rows)[0] if rows else 0
     def quarter(q):  # (episodes, successes); the log rounds the rate to 2 digits, a count of wins is whole
         keep = [(x, n) for s, x, n in rows if last * q / 4 < s <= last * (q + 1) / 4]
