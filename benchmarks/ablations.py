@@ -11,8 +11,8 @@ continues from its last checkpoint (run_one), so an interrupted benchmark contin
 --max-minutes M starts no new run (nor transfer evaluation) after M minutes, then reports every result on disk for
 the selected cells and how many runs remain. Each run lives in
 OUT/{env}/{variant}/seed{S}/: train.log (stdout), runs/ (TensorBoard and checkpoint; vldac.py runs with that
-directory as its working directory), model/, attempt.json while unfinished, then result.json (and transfer.json with
---transfer).
+directory as its working directory), model/, attempt.json while unfinished, then result.json (and transfer_*.json
+with --transfer).
 
 Per env and variant, over seeds (mean +- standard error), from `charts/success_rate` per iteration weighted by the
 number of episodes that ended in it (train.log's `(N episodes)`: MiniWorld ends one or two episodes per iteration,
@@ -26,8 +26,11 @@ so a plain average over iterations would weigh one episode as much as sixteen):
 - caption accuracy on the run's env (tiny_vlm.caption_accuracy) of the base model and of each trained model:
   does RL degrade image understanding?
 - cost: minutes per run (training, model loading included) and env steps/s (--total-timesteps / that wall time).
---transfer: every model trained on TRANSFER_FROM, and the base model, played greedily with no further training on
-TRANSFER_ENVS (`python evaluate.py`, 50 episodes per env; its caption probe too), cached in the run's transfer.json.
+--transfer: every model trained on TRANSFER_FROM, and the base model, played with no further training on
+TRANSFER_ENVS (`python evaluate.py`, 50 episodes per env), sampled at temperature 1 as in training (with the caption
+probe) and greedily, cached in the run's transfer_sampled.json and transfer_greedy.json. Both, because the weak
+prior is a mixture (the expert's action with probability q, else a random one) whose most likely action is the
+expert's: greedy decoding plays the base model close to the expert, sampling plays the prior RL starts from.
 """
 import argparse
 import hashlib
@@ -74,9 +77,10 @@ GRIDS = {"paper": [
                                             "vldac-no-warmup", "vldac-no-stopgrad", "vldac-no-kl")],
 ]}
 GRID_STEPS, GRID_TARGET = 16_384, 0.9  # every cell the same env-step budget; target for every env of a grid
-# --transfer: models trained on TRANSFER_FROM play these with no further training (greedy, evaluate.py's default)
+# --transfer: models trained on TRANSFER_FROM play these with no further training, at each decoding temperature
 TRANSFER_FROM = "MiniWorld-OneRoom-v0"
 TRANSFER_ENVS = ["MiniWorld-Hallway-v0", "MiniWorld-FourRooms-v0", "MiniWorld-WallGap-v0"]
+TRANSFER_DECODING = {"sampled": 1.0, "greedy": 0.0}  # name -> evaluate.py --temperature; the caption probe once
 # smoothed(): a window of fewer episodes says little (a MiniWorld iteration ends one or two); 16 = one per env
 MIN_EPISODES = 16
 
@@ -370,23 +374,27 @@ def hardware():
     return f"{os.cpu_count()} CPUs ({cpu}), {platform.platform()}, Python {platform.python_version()}"
 
 
-def transfer_records(path, env_ids, episodes):
-    """{env id: evaluate.py's record} of a finished transfer file, else None (missing, another number of episodes,
-    or an interrupted evaluation: evaluate.py writes each row as it finishes)."""
+def transfer_records(path, env_ids, episodes, temperature):
+    """{env id: evaluate.py's record} of a finished transfer file, else None (missing, another number of episodes or
+    temperature, or an interrupted evaluation: evaluate.py writes each row as it finishes)."""
     if not path.exists():
         return None
-    records = {r["env_id"]: r for r in json.loads(path.read_text())["records"] if r["num_episodes"] == episodes}
-    return records if all(env_id in records for env_id in env_ids) else None
+    saved = json.loads(path.read_text())
+    records = {r["env_id"]: r for r in saved["records"] if r["num_episodes"] == episodes}
+    ok = saved.get("temperature") == temperature and all(env_id in records for env_id in env_ids)
+    return records if ok else None
 
 
-def run_transfer(model, path, episodes, deadline=None):
-    """evaluate.py on TRANSFER_ENVS for one model (greedy, caption probe on for tiny-based models) in a one-thread
-    child, its JSON at `path` (the cache); None past the deadline, or if it failed."""
-    done = transfer_records(path, TRANSFER_ENVS, episodes)
+def run_transfer(model, path, episodes, temperature, deadline=None):
+    """evaluate.py on TRANSFER_ENVS for one model at one temperature (the caption probe only when sampling, the first
+    decoding) in a one-thread child, its JSON at `path` (the cache); None past the deadline, or if it failed."""
+    done = transfer_records(path, TRANSFER_ENVS, episodes, temperature)
     if done or (deadline is not None and time.time() > deadline):
         return done
     cmd = [sys.executable, str(ROOT / "evaluate.py"), "--model-ids", str(model), "--env-ids", *TRANSFER_ENVS,
-           "--num-episodes", str(episodes), "--output", str(path)]
+           "--num-episodes", str(episodes), "--temperature", str(temperature), "--output", str(path)]
+    if temperature == 0:
+        cmd += ["--caption-probe", "False"]
     path.parent.mkdir(parents=True, exist_ok=True)
     start = time.time()
     with open(path.with_suffix(".log"), "w") as log:
@@ -394,52 +402,62 @@ def run_transfer(model, path, episodes, deadline=None):
     if code != 0:
         print(f"FAILED (exit {code}): transfer of {model}, see {path.with_suffix('.log')}", flush=True)
         return None
-    print(f"done: transfer of {model} in {time.time() - start:.0f} s", flush=True)
-    return transfer_records(path, TRANSFER_ENVS, episodes)
+    print(f"done: transfer of {model} at temperature {temperature:g} in {time.time() - start:.0f} s", flush=True)
+    return transfer_records(path, TRANSFER_ENVS, episodes, temperature)
 
 
 def transfer_table(base, trained, episodes):
-    """Markdown: per variant (the base model first) and env, success over seeds and caption accuracy vs the base
-    model's; base: {env: record}, trained: {variant: [{env: record} per seed]}."""
+    """Markdown: per variant (the base model first) and env, success over seeds at each decoding and caption
+    accuracy vs the base model's; base: {decoding: {env: record}} (or None), trained: {variant: [{decoding: {env:
+    record}} per seed]}."""
     from evaluate import wilson_interval
 
-    rows = ["| model | env | seeds | success: mean over seeds (each seed's) | pooled: successes / episodes [95% "
-            "Wilson] | caption acc after (base) |", "|" + "---|" * 6]
+    def success(per_seed, decoding, env_id):  # "mean (each seed's) | wins / episodes [Wilson]"
+        rates = [seed[decoding][env_id]["success_rate"] for seed in per_seed]
+        wins = sum(e["success"] for seed in per_seed for e in seed[decoding][env_id]["episodes"])
+        low, high = wilson_interval(wins, episodes * len(rates))
+        return (f"{mean_se(rates)} ({' '.join(f'{x:.2f}' for x in rates)}) | {wins} / {episodes * len(rates)} "
+                f"[{low:.2f}, {high:.2f}]")
+
+    header = " | ".join(f"{d}: mean over seeds (each seed's) | {d}: pooled [95% Wilson]" for d in TRANSFER_DECODING)
+    rows = [f"| model | env | seeds | {header} | caption acc after (base) |",
+            "|" + "---|" * (4 + 2 * len(TRANSFER_DECODING))]
     for variant, per_seed in [("tiny (base, no RL)", [base] if base else []), *trained.items()]:
         for env_id in TRANSFER_ENVS:
             if not per_seed:
-                rows.append(f"| {variant} | {env_id} | 0 | - | - | - |")
+                rows.append(f"| {variant} | {env_id.split('-')[1]} | 0 |" + " - |" * (1 + 2 * len(TRANSFER_DECODING)))
                 continue
-            rates = [seed[env_id]["success_rate"] for seed in per_seed]
-            wins = sum(e["success"] for seed in per_seed for e in seed[env_id]["episodes"])
-            low, high = wilson_interval(wins, episodes * len(rates))
-            after = [seed[env_id]["caption_accuracy"] for seed in per_seed]
+            after = [seed["sampled"][env_id]["caption_accuracy"] for seed in per_seed]
             caption = "-" if None in after else f"{statistics.mean(after):.3f}"
-            before = "-" if not base or base[env_id]["caption_accuracy"] is None else \
-                f"{base[env_id]['caption_accuracy']:.3f}"
-            rows.append(f"| {variant} | {env_id.split('-')[1]} | {len(rates)} | {mean_se(rates)} "
-                        f"({' '.join(f'{x:.2f}' for x in rates)}) | {wins} / {episodes * len(rates)} [{low:.2f}, "
-                        f"{high:.2f}] | {caption} ({before}) |")
+            before = "-" if not base or base["sampled"][env_id]["caption_accuracy"] is None else \
+                f"{base['sampled'][env_id]['caption_accuracy']:.3f}"
+            cells = " | ".join(success(per_seed, d, env_id) for d in TRANSFER_DECODING)
+            rows.append(f"| {variant} | {env_id.split('-')[1]} | {len(per_seed)} | {cells} | {caption} ({before}) |")
     return "\n".join(rows)
 
 
 def transfer(out, cells, seeds, total_timesteps, episodes, jobs, deadline):
-    """--transfer: every finished model of a TRANSFER_FROM cell and the base model on TRANSFER_ENVS (cached);
-    returns (markdown, evaluations still to do)."""
+    """--transfer: every finished model of a TRANSFER_FROM cell and the base model on TRANSFER_ENVS at each decoding
+    (cached); returns (markdown, evaluations still to do). A model counts once every decoding has finished."""
     variants = [v for env_id, v in cells if env_id == TRANSFER_FROM]
     models = [(v, s, run_paths(out, TRANSFER_FROM, v, s, total_timesteps)[0]) for v in variants for s in seeds
               if finished(out, TRANSFER_FROM, v, s, total_timesteps)]
-    base_file = out / "transfer" / f"{tiny_model_name(TRANSFER_FROM)}.json"
-    todo = [("tiny", base_file), *[(run_dir / "model", run_dir / "transfer.json") for _, _, run_dir in models]]
-    print(f"transfer: {len(todo)} models on {' '.join(TRANSFER_ENVS)}, {episodes} episodes each", flush=True)
-    with ThreadPoolExecutor(jobs) as pool:
-        [base, *done] = pool.map(lambda job: run_transfer(*job, episodes, deadline), todo)
+    base_stem = out / "transfer" / tiny_model_name(TRANSFER_FROM)
+    evaluated = [("tiny", lambda d: base_stem.with_name(f"{base_stem.name}_{d}.json")),
+                 *[(run_dir / "model", lambda d, r=run_dir: r / f"transfer_{d}.json") for _, _, run_dir in models]]
+    todo = [(model, path(d), episodes, t) for d, t in TRANSFER_DECODING.items() for model, path in evaluated]
+    print(f"transfer: {len(evaluated)} models on {' '.join(TRANSFER_ENVS)}, {episodes} episodes each, "
+          f"{' and '.join(TRANSFER_DECODING)}", flush=True)
+    with ThreadPoolExecutor(jobs) as pool:  # every model sampled first: the decoding that the table leads with
+        done = list(pool.map(lambda job: run_transfer(*job, deadline), todo))
+    per_model = [dict(zip(TRANSFER_DECODING, done[i::len(evaluated)])) for i in range(len(evaluated))]
+    per_model = [m if None not in m.values() else None for m in per_model]
     trained = {v: [] for v in variants}
-    for (variant, _, _), records in zip(models, done):
+    for (variant, _, _), records in zip(models, per_model[1:]):
         if records:
             trained[variant].append(records)
-    missing = sum(r is None for r in [base, *done]) + len(variants) * len(seeds) - len(models)
-    return transfer_table(base, trained, episodes), missing
+    missing = sum(r is None for r in per_model) + len(variants) * len(seeds) - len(models)
+    return transfer_table(per_model[0], trained, episodes), missing
 
 
 def main():
@@ -463,7 +481,7 @@ def main():
                         "many minutes, then report what is on disk; rerun the same command to go on (default: none)")
     parser.add_argument("--transfer", action="store_true", help=f"also play every model trained on {TRANSFER_FROM} "
                         f"and the base model on {' '.join(TRANSFER_ENVS)} with no further training (evaluate.py, "
-                        "greedy), cached in each run's transfer.json")
+                        "sampled at temperature 1 and greedy), cached in each run's transfer_*.json")
     parser.add_argument("--figures", type=Path, metavar="DIR", help="also copy the PNGs to DIR (e.g. docs/ablations)")
     parser.add_argument("--out", type=Path, help="(default: runs/ablations, with --grid runs/grid_{GRID}: a grid's "
                         "longer runs must not replace the ablations' runs of the same env and variant)")
@@ -525,11 +543,13 @@ def main():
         report += "\n\n" + "\n".join([
             f"## Transfer: trained on {TRANSFER_FROM}, played on other rooms with no further training", "",
             transfer_text, "",
-            f"evaluate.py, {args.transfer_episodes} greedy episodes per model and env (episode k reset with seed 1 + "
-            "k: the same episodes for every model). Success: mean +- standard error over seeds, each seed's rate in "
-            "brackets; the 95% Wilson interval is of the count pooled over seeds (it treats the seeds' episodes as "
-            "one sample). Caption accuracy on each env's held-out frames, mean over seeds (the base model's in "
-            f"brackets). {transfer_left} evaluations remain" + (" (rerun to go on)." if transfer_left else ".")])
+            f"evaluate.py, {args.transfer_episodes} episodes per model, env and decoding (episode k reset with seed "
+            "1 + k: the same episodes for every model): sampled at temperature 1 as in training, and greedy (the "
+            "weak prior's most likely action is the expert's, so greedy decoding plays the base model close to the "
+            "expert). Success: mean +- standard error over seeds, each seed's rate in brackets; the 95% Wilson "
+            "interval is of the count pooled over seeds (it treats the seeds' episodes as one sample). Caption "
+            "accuracy on each env's held-out frames, mean over seeds (the base model's in brackets). "
+            f"{transfer_left} models remain" + (" (rerun to go on)." if transfer_left else ".")])
     figures = []
     for env_id in env_ids:
         variants = [v for e, v in cells if e == env_id]
