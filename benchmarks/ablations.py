@@ -408,37 +408,39 @@ def run_transfer(model, path, episodes, temperature, deadline=None):
 
 def transfer_table(base, trained, episodes):
     """Markdown: per variant (the base model first) and env, success over seeds at each decoding and caption
-    accuracy vs the base model's; base: {decoding: {env: record}} (or None), trained: {variant: [{decoding: {env:
-    record}} per seed]}."""
+    accuracy vs the base model's; base: {decoding: {env: record} or None}, trained: {variant: [that, per seed]}.
+    A decoding not yet evaluated for some seed counts only the seeds that have it (the seeds column says how many)."""
     from evaluate import wilson_interval
 
     def success(per_seed, decoding, env_id):  # "mean (each seed's) | wins / episodes [Wilson]"
-        rates = [seed[decoding][env_id]["success_rate"] for seed in per_seed]
-        wins = sum(e["success"] for seed in per_seed for e in seed[decoding][env_id]["episodes"])
-        low, high = wilson_interval(wins, episodes * len(rates))
-        return (f"{mean_se(rates)} ({' '.join(f'{x:.2f}' for x in rates)}) | {wins} / {episodes * len(rates)} "
+        done = [seed[decoding][env_id] for seed in per_seed if seed[decoding]]
+        if not done:
+            return "- | -"
+        rates = [record["success_rate"] for record in done]
+        wins = sum(e["success"] for record in done for e in record["episodes"])
+        low, high = wilson_interval(wins, episodes * len(done))
+        return (f"{mean_se(rates)} ({' '.join(f'{x:.2f}' for x in rates)}) | {wins} / {episodes * len(done)} "
                 f"[{low:.2f}, {high:.2f}]")
 
+    def caption(per_seed, env_id):  # mean over the seeds whose sampled evaluation ran the probe
+        accs = [seed["sampled"][env_id]["caption_accuracy"] for seed in per_seed if seed["sampled"]]
+        return "-" if not accs or None in accs else f"{statistics.mean(accs):.3f}"
+
     header = " | ".join(f"{d}: mean over seeds (each seed's) | {d}: pooled [95% Wilson]" for d in TRANSFER_DECODING)
-    rows = [f"| model | env | seeds | {header} | caption acc after (base) |",
+    rows = [f"| model | env | seeds ({' / '.join(TRANSFER_DECODING)}) | {header} | caption acc after (base) |",
             "|" + "---|" * (4 + 2 * len(TRANSFER_DECODING))]
-    for variant, per_seed in [("tiny (base, no RL)", [base] if base else []), *trained.items()]:
+    for variant, per_seed in [("tiny (base, no RL)", [base]), *trained.items()]:
         for env_id in TRANSFER_ENVS:
-            if not per_seed:
-                rows.append(f"| {variant} | {env_id.split('-')[1]} | 0 |" + " - |" * (1 + 2 * len(TRANSFER_DECODING)))
-                continue
-            after = [seed["sampled"][env_id]["caption_accuracy"] for seed in per_seed]
-            caption = "-" if None in after else f"{statistics.mean(after):.3f}"
-            before = "-" if not base or base["sampled"][env_id]["caption_accuracy"] is None else \
-                f"{base['sampled'][env_id]['caption_accuracy']:.3f}"
+            seeds = " / ".join(str(sum(bool(seed[d]) for seed in per_seed)) for d in TRANSFER_DECODING)
             cells = " | ".join(success(per_seed, d, env_id) for d in TRANSFER_DECODING)
-            rows.append(f"| {variant} | {env_id.split('-')[1]} | {len(per_seed)} | {cells} | {caption} ({before}) |")
+            rows.append(f"| {variant} | {env_id.split('-')[1]} | {seeds} | {cells} | {caption(per_seed, env_id)} "
+                        f"({caption([base], env_id)}) |")
     return "\n".join(rows)
 
 
 def transfer(out, cells, seeds, total_timesteps, episodes, jobs, deadline):
     """--transfer: every finished model of a TRANSFER_FROM cell and the base model on TRANSFER_ENVS at each decoding
-    (cached); returns (markdown, evaluations still to do). A model counts once every decoding has finished."""
+    (cached; every model sampled first); returns (markdown, evaluations still to do)."""
     variants = [v for env_id, v in cells if env_id == TRANSFER_FROM]
     models = [(v, s, run_paths(out, TRANSFER_FROM, v, s, total_timesteps)[0]) for v in variants for s in seeds
               if finished(out, TRANSFER_FROM, v, s, total_timesteps)]
@@ -448,15 +450,13 @@ def transfer(out, cells, seeds, total_timesteps, episodes, jobs, deadline):
     todo = [(model, path(d), episodes, t) for d, t in TRANSFER_DECODING.items() for model, path in evaluated]
     print(f"transfer: {len(evaluated)} models on {' '.join(TRANSFER_ENVS)}, {episodes} episodes each, "
           f"{' and '.join(TRANSFER_DECODING)}", flush=True)
-    with ThreadPoolExecutor(jobs) as pool:  # every model sampled first: the decoding that the table leads with
+    with ThreadPoolExecutor(jobs) as pool:
         done = list(pool.map(lambda job: run_transfer(*job, deadline), todo))
     per_model = [dict(zip(TRANSFER_DECODING, done[i::len(evaluated)])) for i in range(len(evaluated))]
-    per_model = [m if None not in m.values() else None for m in per_model]
     trained = {v: [] for v in variants}
     for (variant, _, _), records in zip(models, per_model[1:]):
-        if records:
-            trained[variant].append(records)
-    missing = sum(r is None for r in per_model) + len(variants) * len(seeds) - len(models)
+        trained[variant].append(records)
+    missing = sum(r is None for r in done) + len(TRANSFER_DECODING) * (len(variants) * len(seeds) - len(models))
     return transfer_table(per_model[0], trained, episodes), missing
 
 
@@ -549,7 +549,8 @@ def main():
             "expert). Success: mean +- standard error over seeds, each seed's rate in brackets; the 95% Wilson "
             "interval is of the count pooled over seeds (it treats the seeds' episodes as one sample). Caption "
             "accuracy on each env's held-out frames, mean over seeds (the base model's in brackets). "
-            f"{transfer_left} models remain" + (" (rerun to go on)." if transfer_left else ".")])
+            f"{transfer_left} evaluations (model and decoding) remain"
+            + (" (rerun to go on)." if transfer_left else ".")])
     figures = []
     for env_id in env_ids:
         variants = [v for e, v in cells if e == env_id]
