@@ -434,13 +434,18 @@ def caption_accuracy(model, processor, env_id, num_frames=200, seed=12345, batch
     """Exact-match accuracy of the model's caption of held-out frames (states from seeds the
     pre-training never drew) against env.state_text(). Works for any checkpoint built on the tiny
     model, before or after RL: the miniature of the paper's "RL does not degrade image understanding"."""
+    answers, truths = caption_answers(model, processor, env_id, num_frames, seed, batch_size)
+    return sum(a.strip() == t for a, t in zip(answers, truths)) / num_frames
+
+
+def caption_answers(model, processor, env_id, num_frames=200, seed=12345, batch_size=50):
+    """(the model's answers to CAPTION_PROMPT, the true captions) on caption_accuracy's held-out frames, greedy."""
     states = held_out_states(env_id, num_frames, seed)
-    correct = 0
+    answers = []
     for i in range(0, num_frames, batch_size):
         chunk = states[i : i + batch_size]
-        answers = generate_answers(model, processor, [s[0][-1:] for s in chunk], [CAPTION_PROMPT] * len(chunk))
-        correct += sum(a.strip() == s[2] for a, s in zip(answers, chunk))
-    return correct / num_frames
+        answers += generate_answers(model, processor, [s[0][-1:] for s in chunk], [CAPTION_PROMPT] * len(chunk))
+    return answers, [s[2] for s in states]
 
 
 def held_out_states(env_id, num_states, seed=12345):

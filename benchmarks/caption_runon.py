@@ -20,14 +20,12 @@ def main():
     import vlm
 
     torch.set_num_threads(1)
-    states = tiny_vlm.held_out_states(args.env_id, args.num_frames)  # caption_accuracy's frames (its seed)
     print("| model | exact caption | right up to the first quote |\n|---|---|---|")
     for model_id in args.models:
         model, processor = vlm.load_policy(model_id, env_id=args.env_id)
-        answers = [a for i in range(0, len(states), 50) for a in tiny_vlm.generate_answers(
-            model, processor, [s[0][-1:] for s in states[i : i + 50]], [tiny_vlm.CAPTION_PROMPT] * 50)]
-        exact = sum(a.strip() == s[2] for a, s in zip(answers, states)) / len(states)
-        before_quote = sum(a.split('"')[0].strip() == s[2] for a, s in zip(answers, states)) / len(states)
+        answers, truths = tiny_vlm.caption_answers(model, processor, args.env_id, args.num_frames)  # the probe's
+        exact = sum(a.strip() == t for a, t in zip(answers, truths)) / len(truths)
+        before_quote = sum(a.split('"')[0].strip() == t for a, t in zip(answers, truths)) / len(truths)
         print(f"| {model_id} | {exact:.3f} | {before_quote:.3f} |", flush=True)
 
 
