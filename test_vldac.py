@@ -1534,6 +1534,7 @@ def test_loop_training_run_stops_at_its_env_step_budget(tiny_dir, tmp_path):
                         "--no-save-model", "--eval-episodes", "0")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "LOOP: rollouts of 4 whole episodes" in result.stdout, result.stdout
+    assert "iter 1 steps " in result.stdout and "iter 1/" not in result.stdout  # no iteration count to promise
     (run_dir,) = (tmp_path / "runs").iterdir()
     logged = scalars(run_dir)
     steps = [step for step, _ in logged["charts/episodic_return"]]

@@ -491,7 +491,8 @@ if __name__ == "__main__":
             for key, value in {**stats, "explained_variance": explained_var}.items():
                 writer.add_scalar(f"losses/{key}", value, global_step)
             success, ret = (per_episode.get(key, np.nan) for key in ("success_rate", "episodic_return"))
-            print(f"iter {iteration}/{args.num_iterations} steps {global_step} SPS {charts['SPS']:.1f} | "
+            of = f"/{args.num_iterations}" if args.baseline != "loop" else ""  # LOOP's count depends on episodes
+            print(f"iter {iteration}{of} steps {global_step} SPS {charts['SPS']:.1f} | "
                   f"success {success:.2f} return {ret:.2f} ({episodes} episodes) parse_fail "
                   f"{charts['parse_failure_rate']:.2f} | policy {stats['policy_loss']:.4f} value "
                   f"{stats['value_loss']:.4f} kl_ref {stats['kl_ref']:.4f} clipfrac {stats['clipfrac']:.3f}"
