@@ -430,10 +430,10 @@ if __name__ == "__main__":
     writer, run_dir = checkpoint.open_writer(args.resume or f"runs/{run_name}", args,
                                              global_step if saved else None)
     run_name, stop = run_dir.name, checkpoint.StopOnSignal()  # Ctrl-C: finish the iteration, checkpoint, exit
-    if RANK == 0:
-        shape = (f"{args.num_iterations} iterations of {args.batch_size} env steps x {WORLD_SIZE} rank(s)"
-                 if args.baseline != "loop" else
-                 f"LOOP: rollouts of {args.num_envs} whole episodes to {args.total_timesteps} env steps")
+    if RANK == 0:  # LOOP's number of iterations depends on its episodes' lengths: no count to print (`of`)
+        shape, of = ((f"{args.num_iterations} iterations of {args.batch_size} env steps x {WORLD_SIZE} rank(s)",
+                      f"/{args.num_iterations}") if args.baseline != "loop" else
+                     (f"LOOP: rollouts of {args.num_envs} whole episodes to {args.total_timesteps} env steps", ""))
         print(f"{run_name}: {sum(p.numel() for p in trainable):,} trainable parameters (vision frozen), "
               f"{shape} on {device}; logs: tensorboard --logdir {run_dir.parent}", flush=True)
 
@@ -491,7 +491,6 @@ if __name__ == "__main__":
             for key, value in {**stats, "explained_variance": explained_var}.items():
                 writer.add_scalar(f"losses/{key}", value, global_step)
             success, ret = (per_episode.get(key, np.nan) for key in ("success_rate", "episodic_return"))
-            of = f"/{args.num_iterations}" if args.baseline != "loop" else ""  # LOOP's count depends on episodes
             print(f"iter {iteration}{of} steps {global_step} SPS {charts['SPS']:.1f} | "
                   f"success {success:.2f} return {ret:.2f} ({episodes} episodes) parse_fail "
                   f"{charts['parse_failure_rate']:.2f} | policy {stats['policy_loss']:.4f} value "
