@@ -444,10 +444,11 @@ def transfer(out, cells, seeds, total_timesteps, episodes, jobs, deadline):
     variants = [v for env_id, v in cells if env_id == TRANSFER_FROM]
     models = [(v, s, run_paths(out, TRANSFER_FROM, v, s, total_timesteps)[0]) for v in variants for s in seeds
               if finished(out, TRANSFER_FROM, v, s, total_timesteps)]
-    base_stem = out / "transfer" / tiny_model_name(TRANSFER_FROM)
-    evaluated = [("tiny", lambda d: base_stem.with_name(f"{base_stem.name}_{d}.json")),
-                 *[(run_dir / "model", lambda d, r=run_dir: r / f"transfer_{d}.json") for _, _, run_dir in models]]
-    todo = [(model, path(d), episodes, t) for d, t in TRANSFER_DECODING.items() for model, path in evaluated]
+    # (model, cache stem): the decoding's name completes it, STEM_sampled.json
+    evaluated = [("tiny", out / "transfer" / tiny_model_name(TRANSFER_FROM)),
+                 *[(run_dir / "model", run_dir / "transfer") for _, _, run_dir in models]]
+    todo = [(model, stem.with_name(f"{stem.name}_{d}.json"), episodes, t) for d, t in TRANSFER_DECODING.items()
+            for model, stem in evaluated]
     print(f"transfer: {len(evaluated)} models on {' '.join(TRANSFER_ENVS)}, {episodes} episodes each, "
           f"{' and '.join(TRANSFER_DECODING)}", flush=True)
     with ThreadPoolExecutor(jobs) as pool:
