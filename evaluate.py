@@ -14,6 +14,7 @@ import math
 import os
 import signal
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -103,7 +104,8 @@ def save_gif(path, images):
 def evaluate(model, processor, env_id, num_episodes=50, num_envs=10, temperature=0.0, max_new_tokens=256, seed=1,
              video_dir=None, video_episodes=0, env_kwargs=None, writer=None, trajectory_dir=None):
     """Play exactly num_episodes episodes of env_id (episode k reset with seed + k), num_envs at a time.
-    Returns the metrics (see the module docstring); the model is left in eval mode. With a TensorBoard
+    Returns the metrics (success with its Wilson interval, returns, lengths, the share of unparsable answers and
+    the parsed answers' actions, tokens, each episode); the model is left in eval mode. With a TensorBoard
     writer, each episode's return is logged as eval/episodic_return at step k (CleanRL's pattern). With a
     trajectory_dir, every step is written there (rollout.Trajectories)."""
     model.eval()
@@ -111,6 +113,7 @@ def evaluate(model, processor, env_id, num_episodes=50, num_envs=10, temperature
     env_list = [envs.make_env(env_id, **(env_kwargs or {})) for _ in range(num_envs)]
     sampling = rollout.Sampling(temperature, max_new_tokens)
     episodes, videos, steps, parse_failures, response_tokens = [], [], 0, 0, 0
+    parsed = Counter()  # action name -> answers that parsed to it (a failed parse plays a random action: not counted)
     playing, gifs = [None] * num_envs, {}  # per env: its rollout.Episode, None when none is left; GIF frames
     trajectories = rollout.Trajectories(trajectory_dir, env_id) if trajectory_dir is not None else None
     for i in range(num_envs):
@@ -126,6 +129,7 @@ def evaluate(model, processor, env_id, num_episodes=50, num_envs=10, temperature
             reward, _, _, info, summary = episode.step(env_list[i], text, trajectories)
             steps += 1
             parse_failures += int(info["parse_failed"])
+            parsed.update([] if info["parse_failed"] else [env_list[i].actions[info["action"]]])
             if video_dir is not None and episode.number < video_episodes:
                 gifs.setdefault(episode.number, []).append(
                     annotate(seen, f"step {episode.length}: {text.strip()} -> reward {reward:+g}"))
@@ -156,8 +160,8 @@ def evaluate(model, processor, env_id, num_episodes=50, num_envs=10, temperature
     return dict(env_id=env_id, num_episodes=num_episodes, success_rate=successes / num_episodes,
                 success_ci95=[low, high], return_mean=float(returns.mean()), return_std=float(returns.std()),
                 length_mean=float(np.mean([e["episodic_length"] for e in episodes])),
-                parse_failure_rate=parse_failures / steps, response_tokens_mean=response_tokens / steps,
-                episodes=episodes, videos=sorted(videos))
+                parse_failure_rate=parse_failures / steps, parsed_actions=dict(sorted(parsed.items())),
+                response_tokens_mean=response_tokens / steps, episodes=episodes, videos=sorted(videos))
 
 
 def after_training(model, processor, args, run_dir, writer):

@@ -2513,7 +2513,8 @@ def test_a_short_run_from_the_prior_raises_the_experts_probability(tiny_families
 EVAL = ["--env-ids", ENV_ID, "--num-episodes", "4", "--num-envs", "4", "--caption-frames", "10"]
 
 RECORD_FIELDS = {"model_id", "env_id", "num_episodes", "success_rate", "success_ci95", "return_mean", "return_std",
-                 "length_mean", "parse_failure_rate", "response_tokens_mean", "caption_accuracy", "episodes", "videos"}
+                 "length_mean", "parse_failure_rate", "parsed_actions", "response_tokens_mean", "caption_accuracy",
+                 "episodes", "videos"}
 
 
 def run_eval(cwd, *flags, script="evaluate.py"):
@@ -2555,6 +2556,9 @@ def test_smoke_json_fields_and_ranges(smoke):
     low, high = record["success_ci95"]
     assert 0 <= low <= record["success_rate"] <= high <= 1
     assert 0 <= record["parse_failure_rate"] <= 1
+    steps = sum(e["episodic_length"] for e in record["episodes"])  # every parsed answer counted once, by action
+    assert sum(record["parsed_actions"].values()) == round(steps * (1 - record["parse_failure_rate"]))
+    assert set(record["parsed_actions"]) <= {"+", "-"}  # NumberLine's actions
     assert 1 <= record["length_mean"] <= 10  # NumberLine truncates at 10 steps
     assert 0 < record["response_tokens_mean"] <= 48
     assert record["return_std"] >= 0 and 0 <= record["caption_accuracy"] <= 1  # probed: a tiny model
