@@ -2835,30 +2835,32 @@ def test_ablation_paper_grid_counts_episodes(tmp_path):
 
 def test_ablation_transfer_table_has_both_decodings():
     """The transfer table: per model and env, success sampled and greedy, each seed's rate, the count pooled over
-    seeds with its Wilson interval, and the caption probe (from the sampled evaluation) beside the base's; a decoding
+    seeds with its Wilson interval, the caption probe (from the sampled evaluation) beside the base's and the share
+    of unparsable sampled answers; a decoding
     not yet evaluated for a seed counts only the seeds that have it."""
     sys.path.insert(0, str(HERE / "benchmarks"))
     import ablations
 
     from evaluate import wilson_interval
 
-    def model(wins, caption):  # {decoding: {env: record}}; 4 episodes per env, `wins[d]` of them successes
+    def model(wins, caption, unparsable=0.0):  # {decoding: {env: record}}; 4 episodes per env, `wins[d]` won
         return {d: {env: dict(success_rate=wins[d] / 4, episodes=[dict(success=k < wins[d]) for k in range(4)],
-                              caption_accuracy=caption if d == "sampled" else None)
+                              caption_accuracy=caption if d == "sampled" else None, parse_failure_rate=unparsable)
                     for env in ablations.TRANSFER_ENVS} if d in wins else None for d in ablations.TRANSFER_DECODING}
 
     base = model(dict(sampled=1, greedy=4), 0.9)
-    trained = {"vldac": [model(dict(sampled=2, greedy=3), 0.8), model(dict(sampled=3), 0.7)],
+    trained = {"vldac": [model(dict(sampled=2, greedy=3), 0.8, 0.1), model(dict(sampled=3), 0.7, 0.4)],
                "loop": [], "rl4vlm": [model(dict(greedy=0), None)]}
     text = ablations.transfer_table(base, trained, 4)
     rows = [r for r in text.splitlines() if r.startswith("| ") and "Hallway" in r]
-    assert len(rows) == 4 and rows[2] == "| loop | Hallway | 0 / 0 | - | - | - | - | - (0.900) |"
+    assert len(rows) == 4 and rows[2] == "| loop | Hallway | 0 / 0 | - | - | - | - | - (0.900) | - |"
     low, high = wilson_interval(5, 8)
     assert rows[1].startswith(f"| vldac | Hallway | 2 / 1 | 0.62 +- 0.12 (0.50 0.75) | 5 / 8 [{low:.2f}, {high:.2f}] "
-                              "| 0.75 (0.75) | 3 / 4 [") and rows[1].endswith("| 0.750 (0.900) |")
+                              "| 0.75 (0.75) | 3 / 4 [") and rows[1].endswith("| 0.750 (0.900) | 0.25 |")
     assert "| 0.25 (0.25) | 1 / 4 [" in rows[0] and "| 1.00 (1.00) | 4 / 4 [" in rows[0]
     assert rows[3].startswith("| rl4vlm | Hallway | 0 / 1 | - | - | 0.00 (0.00) | 0 / 4 [0.00, ")
-    assert text.splitlines()[0].count("sampled") == 3 and text.splitlines()[0].count("greedy") == 3
+    assert rows[3].endswith("| - (0.900) | - |") and rows[0].endswith("| 0.900 (0.900) | 0.00 |")
+    assert text.splitlines()[0].count("sampled") == 4 and text.splitlines()[0].count("greedy") == 3
 
 
 def test_baseline_and_ablation_switches_smoke_run(tiny_dir, tmp_path):

@@ -407,9 +407,10 @@ def run_transfer(model, path, episodes, temperature, deadline=None):
 
 
 def transfer_table(base, trained, episodes):
-    """Markdown: per variant (the base model first) and env, success over seeds at each decoding and caption
-    accuracy vs the base model's; base: {decoding: {env: record} or None}, trained: {variant: [that, per seed]}.
-    A decoding not yet evaluated for some seed counts only the seeds that have it (the seeds column says how many)."""
+    """Markdown: per variant (the base model first) and env, success over seeds at each decoding, caption
+    accuracy vs the base model's and the share of unparsable sampled answers; base: {decoding: {env: record} or
+    None}, trained: {variant: [that, per seed]}. A decoding not yet evaluated for some seed counts only the seeds that
+    have it (the seeds column says how many)."""
     from evaluate import wilson_interval
 
     def success(per_seed, decoding, env_id):  # "mean (each seed's) | wins / episodes [Wilson]"
@@ -426,15 +427,19 @@ def transfer_table(base, trained, episodes):
         accs = [seed["sampled"][env_id]["caption_accuracy"] for seed in per_seed if seed["sampled"]]
         return "-" if not accs or None in accs else f"{statistics.mean(accs):.3f}"
 
+    def unparsable(per_seed, env_id):  # share of answers that did not parse (a random action played), sampled
+        rates = [seed["sampled"][env_id]["parse_failure_rate"] for seed in per_seed if seed["sampled"]]
+        return f"{statistics.mean(rates):.2f}" if rates else "-"
+
     header = " | ".join(f"{d}: mean over seeds (each seed's) | {d}: pooled [95% Wilson]" for d in TRANSFER_DECODING)
-    rows = [f"| model | env | seeds ({' / '.join(TRANSFER_DECODING)}) | {header} | caption acc after (base) |",
-            "|" + "---|" * (4 + 2 * len(TRANSFER_DECODING))]
+    rows = [f"| model | env | seeds ({' / '.join(TRANSFER_DECODING)}) | {header} | caption acc after (base) | "
+            "unparsable answers, sampled |", "|" + "---|" * (5 + 2 * len(TRANSFER_DECODING))]
     for variant, per_seed in [("tiny (base, no RL)", [base]), *trained.items()]:
         for env_id in TRANSFER_ENVS:
             seeds = " / ".join(str(sum(bool(seed[d]) for seed in per_seed)) for d in TRANSFER_DECODING)
             cells = " | ".join(success(per_seed, d, env_id) for d in TRANSFER_DECODING)
             rows.append(f"| {variant} | {env_id.split('-')[1]} | {seeds} | {cells} | {caption(per_seed, env_id)} "
-                        f"({caption([base], env_id)}) |")
+                        f"({caption([base], env_id)}) | {unparsable(per_seed, env_id)} |")
     return "\n".join(rows)
 
 
