@@ -2825,6 +2825,13 @@ def test_ablation_paper_grid_counts_episodes(tmp_path):
     assert ablations.smoothed(run) == [None, None, pytest.approx(2 / 18), pytest.approx(4 / 21)]
     assert ablations.last_quarter(run) == (3, 4) and ablations.steps_to(run, 0.9) is None
     assert ablations.mean_se([0.5, 1.0]) == "0.75 +- 0.25" and ablations.mean_se([0.5]) == "0.50"
+    # the table: each seed's last-quarter rate and caption accuracy beside the mean over seeds
+    runs = [dict(run, env_id=ENV_ID, variant="loop", seed=seed, success=success, caption_after=caption, wall_s=60.0)
+            for seed, success, caption in [(1, [1.0, 0.0, 0.5, 0.75], 0.5), (2, [1.0, 0.0, 0.5, 0.25], 0.25)]]
+    (row,) = ablations.table(runs, [(ENV_ID, "loop")], {}, {ENV_ID: 1.0}).splitlines()[2:]
+    assert "| 0.50 +- 0.25 (0.75 0.25; 8) |" in row and "| 1.000 -> 0.375 (0.500 0.250) |" in row, row
+    (row,) = ablations.table(runs[:1], [(ENV_ID, "loop")], {}, {ENV_ID: 1.0}).splitlines()[2:]
+    assert "| 0.75 (4) |" in row and "| 1.000 -> 0.500 |" in row, row
     record = dict(env_id=ablations.TRANSFER_ENVS[0], num_episodes=2)
     (tmp_path / "transfer.json").write_text(json.dumps(dict(temperature=1.0, records=[record])))
     assert ablations.transfer_records(tmp_path / "transfer.json", ablations.TRANSFER_ENVS, 2, 1.0) is None  # 1 of 3

@@ -284,6 +284,11 @@ def mean_se(values, digits=2):
     return f"{statistics.mean(values):.{digits}f} +- {se:.{digits}f}"
 
 
+def each(values, digits=2):
+    """Each seed's value beside a mean over seeds, 'a b c; ' ('' for one seed: the mean is its value)."""
+    return " ".join(f"{v:.{digits}f}" for v in values) + "; " if len(values) > 1 else ""
+
+
 def cell(results, env_id, variant):
     """The finished runs of one (env, variant), by seed."""
     runs = [r for r in results if r["env_id"] == env_id and r["variant"] == variant]
@@ -293,15 +298,17 @@ def cell(results, env_id, variant):
 def table(results, cells, targets, caption_before):
     """One markdown row per (env, variant) cell, aggregated over the seeds that finished; caption_before: {env id:
     the base model's caption accuracy}."""
-    rows = ["| env | variant | seeds | final success | peak success | last quarter: success (episodes) | env steps to "
-            "target | caption acc before -> after | minutes per run | env steps/s |", "|" + "---|" * 10]
+    rows = ["| env | variant | seeds | final success | peak success | last quarter: success (each seed's; episodes) | "
+            "env steps to target | caption acc before -> after (each seed's) | minutes per run | env steps/s |",
+            "|" + "---|" * 10]
     for env_id, variant in cells:
         runs, target = cell(results, env_id, variant), targets.get(env_id)
         final = [w / n for w, n in (pooled(r, max(len(r["success"]) - 4, 0), len(r["success"])) for r in runs) if n]
         peak = [max(m for m in smoothed(r) if m is not None) for r in runs if any(m is not None for m in smoothed(r))]
         quarters = [last_quarter(r) for r in runs]
         episodes = sum(n for _, n in quarters) if all(r.get("episodes") for r in runs) else "-"
-        quarter = f"{mean_se([w / n for w, n in quarters if n])} ({episodes})" if any(n for _, n in quarters) else "-"
+        rates = [w / n for w, n in quarters if n]
+        quarter = f"{mean_se(rates)} ({each(rates)}{episodes})" if rates else "-"
         reach = "no target"
         if target is not None:
             hits = [s for s in (steps_to(r, target) for r in runs) if s is not None]
@@ -309,6 +316,7 @@ def table(results, cells, targets, caption_before):
             reach = f">= {target}: {where} ({len(hits)}/{len(runs)} reached)"
         after = [r["caption_after"] for r in runs]
         caption = f"{caption_before[env_id]:.3f} -> {statistics.mean(after):.3f}" if after else "-"
+        caption += f" ({each(after, 3)[:-2]})" if len(after) > 1 else ""
         minutes = f"{statistics.mean(r['wall_s'] / 60 for r in runs):.1f}" if runs else "-"
         sps = f"{statistics.mean(run_steps(r) / r['wall_s'] for r in runs):.1f}" if runs else "-"
         rows.append(f"| {env_id.split('/')[-1]} | {variant} | {len(runs)} | {mean_se(final)} | {mean_se(peak)} "
@@ -530,11 +538,12 @@ def main():
         table(results, cells, targets, caption_before),
         "",
         "Over seeds: mean +- standard error. Success is pooled over the episodes that ended (train.log's count per "
-        "iteration): final, in the last 4 iterations; last quarter, in the last quarter of the env steps (total "
-        "episodes in brackets); peak, the maximum of the smoothed curve (the trailing 3 iterations, widened back "
-        f"until they hold {MIN_EPISODES} episodes). Env steps to target: the first iteration whose smoothed success "
-        "reaches the target, mean over the seeds that reached it. Caption accuracy: held-out frames of the run's "
-        "env, base model -> mean over trained models. Minutes per run: training, model loading included; env "
+        "iteration): final, in the last 4 iterations; last quarter, in the last quarter of the env steps (each "
+        "seed's rate and the total episodes in brackets); peak, the maximum of the smoothed curve (the trailing 3 "
+        f"iterations, widened back until they hold {MIN_EPISODES} episodes). Env steps to target: the first "
+        "iteration whose smoothed success reaches the target, mean over the seeds that reached it. Caption accuracy: "
+        "held-out frames of the run's env, base model -> mean over trained models (each seed's in brackets). Minutes "
+        "per run: training, model loading included; env "
         "steps/s: the budget over that time.",
         "",
         f"{len(results)}/{len(todo)} runs finished, {len(todo) - len(results)} remain"
