@@ -350,7 +350,7 @@ def plot(results, env_id, variants, path, target=None):
         if not runs:
             continue
         grid, mean, se = learning_curve(runs)
-        (line,) = ax.plot(grid, mean, lw=1.5, label=f"{variant} ({len(runs)} seeds)")
+        (line,) = ax.plot(grid, mean, lw=1.5, label=f"{variant} ({len(runs)} seed{'s' * (len(runs) > 1)})")
         ax.fill_between(grid, mean - se, mean + se, color=line.get_color(), alpha=0.15)
     if target is not None:
         ax.axhline(target, color="grey", ls=":", lw=1)
