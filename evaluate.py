@@ -129,7 +129,8 @@ def evaluate(model, processor, env_id, num_episodes=50, num_envs=10, temperature
             reward, _, _, info, summary = episode.step(env_list[i], text, trajectories)
             steps += 1
             parse_failures += int(info["parse_failed"])
-            parsed.update([] if info["parse_failed"] else [env_list[i].actions[info["action"]]])
+            if not info["parse_failed"]:
+                parsed[env_list[i].actions[info["action"]]] += 1
             if video_dir is not None and episode.number < video_episodes:
                 gifs.setdefault(episode.number, []).append(
                     annotate(seen, f"step {episode.length}: {text.strip()} -> reward {reward:+g}"))

@@ -2843,8 +2843,7 @@ def test_ablation_paper_grid_counts_episodes(tmp_path):
 def test_ablation_transfer_table_has_both_decodings():
     """The transfer table: per model and env, success sampled and greedy, each seed's rate, the count pooled over
     seeds with its Wilson interval, the caption probe (from the sampled evaluation) beside the base's and the share
-    of unparsable sampled answers; a decoding
-    not yet evaluated for a seed counts only the seeds that have it."""
+    of unparsable sampled answers; a decoding not yet evaluated for a seed counts only the seeds that have it."""
     sys.path.insert(0, str(HERE / "benchmarks"))
     import ablations
 

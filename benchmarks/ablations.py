@@ -285,8 +285,8 @@ def mean_se(values, digits=2):
 
 
 def each(values, digits=2):
-    """Each seed's value beside a mean over seeds, 'a b c; ' ('' for one seed: the mean is its value)."""
-    return " ".join(f"{v:.{digits}f}" for v in values) + "; " if len(values) > 1 else ""
+    """Each seed's value, 'a b c', to print beside a mean over seeds."""
+    return " ".join(f"{v:.{digits}f}" for v in values)
 
 
 def cell(results, env_id, variant):
@@ -308,7 +308,8 @@ def table(results, cells, targets, caption_before):
         quarters = [last_quarter(r) for r in runs]
         episodes = sum(n for _, n in quarters) if all(r.get("episodes") for r in runs) else "-"
         rates = [w / n for w, n in quarters if n]
-        quarter = f"{mean_se(rates)} ({each(rates)}{episodes})" if rates else "-"
+        seeds = f"{each(rates)}; " if len(rates) > 1 else ""  # one seed: the mean is its rate
+        quarter = f"{mean_se(rates)} ({seeds}{episodes})" if rates else "-"
         reach = "no target"
         if target is not None:
             hits = [s for s in (steps_to(r, target) for r in runs) if s is not None]
@@ -316,7 +317,7 @@ def table(results, cells, targets, caption_before):
             reach = f">= {target}: {where} ({len(hits)}/{len(runs)} reached)"
         after = [r["caption_after"] for r in runs]
         caption = f"{caption_before[env_id]:.3f} -> {statistics.mean(after):.3f}" if after else "-"
-        caption += f" ({each(after, 3)[:-2]})" if len(after) > 1 else ""
+        caption += f" ({each(after, 3)})" if len(after) > 1 else ""
         minutes = f"{statistics.mean(r['wall_s'] / 60 for r in runs):.1f}" if runs else "-"
         sps = f"{statistics.mean(run_steps(r) / r['wall_s'] for r in runs):.1f}" if runs else "-"
         rows.append(f"| {env_id.split('/')[-1]} | {variant} | {len(runs)} | {mean_se(final)} | {mean_se(peak)} "
@@ -428,7 +429,7 @@ def transfer_table(base, trained, episodes):
         rates = [record["success_rate"] for record in done]
         wins = sum(e["success"] for record in done for e in record["episodes"])
         low, high = wilson_interval(wins, episodes * len(done))
-        return (f"{mean_se(rates)} ({' '.join(f'{x:.2f}' for x in rates)}) | {wins} / {episodes * len(done)} "
+        return (f"{mean_se(rates)} ({each(rates)}) | {wins} / {episodes * len(done)} "
                 f"[{low:.2f}, {high:.2f}]")
 
     def caption(per_seed, env_id):  # mean over the seeds whose sampled evaluation ran the probe
