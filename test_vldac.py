@@ -2840,6 +2840,28 @@ def test_ablation_paper_grid_counts_episodes(tmp_path):
     assert ablations.transfer_records(tmp_path / "transfer.json", ablations.TRANSFER_ENVS[:1], 2, 0.0) is None
 
 
+def test_ablation_comparison_is_an_exact_rank_test():
+    """VL-DAC against a baseline run for run: pairs won within an env (ties half), and the exact one-sided p over
+    every relabelling of each env's runs, checked against rank sums counted by hand."""
+    sys.path.insert(0, str(HERE / "benchmarks"))
+    import ablations
+
+    ours, theirs = {"a": [0.5, 0.3, 0.9]}, {"a": [0.1, 0.4, 0.2, 0.0]}
+    # ranks 1..7, ours {4, 6, 7}: rank sum 17; of the 35 three-rank subsets only {4, 6, 7} and {5, 6, 7} reach 17
+    assert ablations.pairs_won(ours, theirs) == (11, 12)
+    assert ablations.permutation_p(ours, theirs) == pytest.approx(2 / 35)
+    # two envs relabel independently: (1/6)^2 for two clean sweeps; a run of another env is never paired
+    sweep = ablations.permutation_p({"a": [3, 4], "b": [3, 4]}, {"a": [1, 2], "b": [1, 2], "c": [9]})
+    assert sweep == pytest.approx(1 / 36) and ablations.pairs_won({"a": [1]}, {"a": [1], "c": [9]}) == (0.5, 1)
+    assert ablations.permutation_p({"a": [1]}, {"a": [1]}) == 1.0
+    run = lambda variant, seed, caption, success: dict(
+        env_id=ENV_ID, variant=variant, seed=seed, caption_after=caption, steps=[100], success=[success],
+        episodes=[4], command=["vldac.py", "--total-timesteps", "100"])
+    runs = [run("vldac", 1, 0.9, 0.75), run("vldac", 2, 0.8, 0.25), run("loop", 1, 0.5, 0.5)]
+    (row,) = ablations.comparison_table(runs, [("LOOP", ("loop",), (ENV_ID, "other"))]).splitlines()[2:]
+    assert row == f"| LOOP | {ENV_ID.split('/')[-1]}, other | 2 / 1 | 1 of 2 | 0.67 | 2 of 2 | 0.33 |", row
+
+
 def test_ablation_transfer_table_has_both_decodings():
     """The transfer table: per model and env, success sampled and greedy, each seed's rate, the count pooled over
     seeds with its Wilson interval, the caption probe (from the sampled evaluation) beside the base's and the share

@@ -26,6 +26,8 @@ so a plain average over iterations would weigh one episode as much as sixteen):
 - caption accuracy on the run's env (tiny_vlm.caption_accuracy) of the base model and of each trained model:
   does RL degrade image understanding?
 - cost: minutes per run (training, model loading included) and env steps/s (--total-timesteps / that wall time).
+With --grid, VL-DAC against each baseline run for run (COMPARISONS): in how many (VL-DAC run, baseline run) pairs of
+the same env VL-DAC ends higher, in last-quarter success and in caption accuracy, with an exact one-sided p.
 --transfer: every model trained on TRANSFER_FROM, and the base model, played with no further training on
 TRANSFER_ENVS (`python evaluate.py`, 50 episodes per env), sampled at temperature 1 as in training (with the caption
 probe) and greedily, cached in the run's transfer_sampled.json and transfer_greedy.json. Both, because the weak
@@ -75,6 +77,13 @@ GRIDS = {"paper": [
     *[("gym_cards/EZPoints-v0", v) for v in ("vldac", "rl4vlm-published-0.35", "loop")],
     *[("MiniWorld-OneRoom-v0", v) for v in ("rl4vlm-0.5+warmup", "rl4vlm-0.5+warmup+stopgrad", "rl4vlm-0.5",
                                             "vldac-no-warmup", "vldac-no-stopgrad", "vldac-no-kl")],
+]}
+# the grid's claims, run for run: (VL-DAC against what, its variants pooled as one baseline, on which envs)
+COMPARISONS = {"paper": [
+    ("RL4VLM as published (both lambdas)", ("rl4vlm-published-0.35", "rl4vlm-published-0.5"), ROOMS),
+    ("LOOP", ("loop",), ROOMS),
+    ("RL4VLM as published (lambda 0.35)", ("rl4vlm-published-0.35",), ("gym_cards/EZPoints-v0",)),
+    ("LOOP", ("loop",), ("gym_cards/EZPoints-v0",)),
 ]}
 GRID_STEPS, GRID_TARGET = 16_384, 0.9  # every cell the same env-step budget; target for every env of a grid
 # --transfer: models trained on TRANSFER_FROM play these with no further training, at each decoding temperature
@@ -325,6 +334,60 @@ def table(results, cells, targets, caption_before):
     return "\n".join(rows)
 
 
+def pairs_won(ours, theirs):
+    """(pairs won, pairs): over envs ({env: [one value per run]} each), every run of ours against every run of
+    theirs in the same env; ours wins a pair with the higher value, half a pair on a tie."""
+    won = sum((a > b) + (a == b) / 2 for env in ours for a in ours[env] for b in theirs.get(env, []))
+    return won, sum(len(ours[env]) * len(theirs.get(env, [])) for env in ours)
+
+
+def permutation_p(ours, theirs):
+    """One-sided exact p of pairs_won, a Mann-Whitney test stratified by env: the share of all relabellings of each
+    env's runs (as many ours as before) that win at least as many pairs. Counts every relabelling: small grids only."""
+    from itertools import combinations
+
+    ways = {0.0: 1}  # pairs won -> relabellings, env by env
+    for env, mine in ours.items():
+        both = mine + theirs.get(env, [])
+        here = {}
+        for pick in combinations(range(len(both)), len(mine)):
+            rest = [both[i] for i in range(len(both)) if i not in pick]
+            won = pairs_won({env: [both[i] for i in pick]}, {env: rest})[0]
+            here[won] = here.get(won, 0) + 1
+        total = {}
+        for w, n in ways.items():
+            for x, m in here.items():
+                total[w + x] = total.get(w + x, 0) + n * m
+        ways = total
+    observed = pairs_won(ours, theirs)[0]
+    return sum(n for w, n in ways.items() if w >= observed) / sum(ways.values())
+
+
+def quarter_rate(run):
+    """The run's success over the episodes that ended in the last quarter of its env steps (0 if none ended)."""
+    wins, episodes = last_quarter(run)
+    return wins / episodes if episodes else 0.0
+
+
+def comparison_table(results, comparisons):
+    """VL-DAC against each baseline run for run, in the same env: the pairs in which its last-quarter success and
+    its caption accuracy after RL are the higher, with permutation_p."""
+    rows = ["| VL-DAC against | envs | runs (VL-DAC / baseline) | last-quarter success: pairs VL-DAC higher | p "
+            "| caption acc after: pairs VL-DAC higher | p |", "|" + "---|" * 7]
+    for label, variants, envs in comparisons:
+        ours = {env: cell(results, env, "vldac") for env in envs}
+        theirs = {env: [r for v in variants for r in cell(results, env, v)] for env in envs}
+        row = (f"| {label} | {', '.join(e.split('/')[-1] for e in envs)} | {sum(map(len, ours.values()))} / "
+               f"{sum(map(len, theirs.values()))} |")
+        for value in (quarter_rate, lambda run: run["caption_after"]):
+            mine = {env: [value(r) for r in runs] for env, runs in ours.items()}
+            other = {env: [value(r) for r in runs] for env, runs in theirs.items()}
+            won, pairs = pairs_won(mine, other)
+            row += f" {won:g} of {pairs} | {permutation_p(mine, other):.2g} |" if pairs else " - | - |"
+        rows.append(row)
+    return "\n".join(rows)
+
+
 def learning_curve(runs, points=60):
     """(env steps (points,), mean (points,), standard error (points,)) over runs of each run's smoothed success
     rate, interpolated onto a grid up to the shortest run's last step (flat before its first point)."""
@@ -555,6 +618,15 @@ def main():
         f"Hardware: {hardware()}.",
         f"Command: python -m benchmarks.ablations {' '.join(sys.argv[1:])}",
     ])
+    if args.grid:
+        report += "\n\n" + "\n".join([
+            "## VL-DAC against each baseline, run for run", "",
+            comparison_table(results, COMPARISONS[args.grid]), "",
+            "Every finished VL-DAC run against every finished run of the baseline in the same env (a baseline's "
+            "variants pooled): the pairs in which VL-DAC's value is the higher (a tie counts half), and the "
+            "one-sided exact p that VL-DAC's runs are not higher (a Mann-Whitney test stratified by env: the share "
+            "of the ways to relabel each env's runs that win as many pairs or more). With 3 seeds per cell, 0.05 "
+            "is out of reach for a single env and a single baseline variant (1 in 20 relabellings)."])
     if transfer_text is not None:
         report += "\n\n" + "\n".join([
             f"## Transfer: trained on {TRANSFER_FROM}, played on other rooms with no further training", "",
