@@ -2854,6 +2854,9 @@ def test_ablation_comparison_is_an_exact_rank_test():
     sweep = ablations.permutation_p({"a": [3, 4], "b": [3, 4]}, {"a": [1, 2], "b": [1, 2], "c": [9]})
     assert sweep == pytest.approx(1 / 36) and ablations.pairs_won({"a": [1]}, {"a": [1], "c": [9]}) == (0.5, 1)
     assert ablations.permutation_p({"a": [1]}, {"a": [1]}) == 1.0
+    # ties inside the relabellings: [1, 2] against [1, 1] wins 3 of 4 pairs, as do the 3 picks holding the 2 (of 6)
+    assert ablations.pairs_won({"a": [1, 2]}, {"a": [1, 1]}) == (3, 4)
+    assert ablations.permutation_p({"a": [1, 2]}, {"a": [1, 1]}) == 0.5
     run = lambda variant, seed, caption, success: dict(
         env_id=ENV_ID, variant=variant, seed=seed, caption_after=caption, steps=[100], success=[success],
         episodes=[4], command=["vldac.py", "--total-timesteps", "100"])

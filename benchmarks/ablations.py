@@ -624,9 +624,9 @@ def main():
             comparison_table(results, COMPARISONS[args.grid]), "",
             "Every finished VL-DAC run against every finished run of the baseline in the same env (a baseline's "
             "variants pooled): the pairs in which VL-DAC's value is the higher (a tie counts half), and the "
-            "one-sided exact p that VL-DAC's runs are not higher (a Mann-Whitney test stratified by env: the share "
-            "of the ways to relabel each env's runs that win as many pairs or more). With 3 seeds per cell, 0.05 "
-            "is out of reach for a single env and a single baseline variant (1 in 20 relabellings)."])
+            "one-sided exact p under the null that a run's variant does not matter within its env (a Mann-Whitney "
+            "test stratified by env: the share of the ways to relabel each env's runs that win as many pairs or "
+            "more). With 3 seeds per cell, one env and one baseline variant, p cannot go below 0.05 (1 in 20)."])
     if transfer_text is not None:
         report += "\n\n" + "\n".join([
             f"## Transfer: trained on {TRANSFER_FROM}, played on other rooms with no further training", "",
