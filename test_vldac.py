@@ -2814,6 +2814,8 @@ def test_ablation_paper_grid_counts_episodes(tmp_path):
     assert cells[:4] == [("MiniWorld-OneRoom-v0", v) for v in ("vldac", "rl4vlm-published-0.35",
                                                                 "rl4vlm-published-0.5", "loop")]
     assert cells[-1] == ("MiniWorld-OneRoom-v0", "vldac-no-kl")
+    for _, variants, rooms in ablations.COMPARISONS["paper"]:  # every baseline compared where the grid ran it
+        assert rooms and all((env, v) in cells and (env, "vldac") in cells for env in rooms for v in variants)
     (tmp_path / "train.log").write_text("".join(
         f"iter {i}/4 steps {128 * i} SPS 5.0 | success {s:.2f} return 0.1 ({n} episodes) parse_fail 0.00 | x\n"
         for i, s, n in [(1, 1.0, 1), (2, 0.0, 15), (3, 0.5, 2), (4, 0.75, 4)]))

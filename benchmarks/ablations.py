@@ -26,8 +26,9 @@ so a plain average over iterations would weigh one episode as much as sixteen):
 - caption accuracy on the run's env (tiny_vlm.caption_accuracy) of the base model and of each trained model:
   does RL degrade image understanding?
 - cost: minutes per run (training, model loading included) and env steps/s (--total-timesteps / that wall time).
-With --grid, VL-DAC against each baseline run for run (COMPARISONS): in how many (VL-DAC run, baseline run) pairs of
-the same env VL-DAC ends higher, in last-quarter success and in caption accuracy, with an exact one-sided p.
+With --grid, VL-DAC against each baseline run for run (COMPARISONS; on MiniWorld both rooms together, then each): in
+how many (VL-DAC run, baseline run) pairs of the same env VL-DAC ends higher, in last-quarter success and in caption
+accuracy, with an exact one-sided p.
 --transfer: every model trained on TRANSFER_FROM, and the base model, played with no further training on
 TRANSFER_ENVS (`python evaluate.py`, 50 episodes per env), sampled at temperature 1 as in training (with the caption
 probe) and greedily, cached in the run's transfer_sampled.json and transfer_greedy.json. Both, because the weak
