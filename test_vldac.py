@@ -1675,6 +1675,42 @@ def test_ablation_run_cut_off_continues_from_its_checkpoint(tiny_dir, tmp_path, 
     assert ablations.run_one(tmp_path, ENV_ID, "vldac", 5, 60) == result and len(launches) == 2
 
 
+def test_ablation_archive_keeps_finished_runs_for_any_machine(tmp_path, monkeypatch):
+    """benchmarks/ablations.py --archive: a finished run's small files are kept with this machine's paths written as
+    placeholders, and restored into another OUT (another machine's paths), where the run counts as finished and is
+    not redone; restoring never replaces a file OUT has; a restored run's model is not there, so its transfer
+    evaluation is skipped, not attempted."""
+    sys.path.insert(0, str(HERE / "benchmarks"))
+    import ablations
+
+    room = "MiniWorld-OneRoom-v0"
+    out, archive, other = tmp_path / "out", tmp_path / "archive", tmp_path / "elsewhere" / "out"
+    run_dir, cmd = ablations.run_paths(out, room, "loop", 2, 256)
+    run_dir.mkdir(parents=True)
+    result = dict(env_id=room, variant="loop", seed=2, command=cmd, model=ablations.tiny_model_name(room),
+                  steps=[128, 256], success=[0.0, 1.0], episodes=[1, 1], wall_s=1.0, caption_after=0.5)
+    (run_dir / "result.json").write_text(json.dumps(result))
+    (run_dir / "transfer_sampled.json").write_text(json.dumps(dict(model=str(run_dir / "model"))))
+    (run_dir / "train.log").write_text("iter 1/2\n")  # a log, a model, TensorBoard: not kept
+    (out / "caption_base.json").write_text(json.dumps({room: 0.9}))
+    assert ablations.sync_archive(out, archive, to_archive=True) == 3
+    assert ablations.sync_archive(out, archive, to_archive=True) == 0  # nothing changed, nothing written
+    kept = sorted(str(p.relative_to(archive)) for p in archive.rglob("*") if p.is_file())
+    assert kept == [f"{room}/loop/seed2/result.json", f"{room}/loop/seed2/transfer_sampled.json", "caption_base.json"]
+    text = (archive / kept[0]).read_text()
+    assert str(tmp_path) not in text and all(f"{{{name}}}" in text for name in ("out", "root", "python"))
+
+    other.mkdir(parents=True)
+    (other / "caption_base.json").write_text(json.dumps({room: 0.1}))  # measured there: stays
+    assert ablations.sync_archive(other, archive, to_archive=False) == 2
+    assert json.loads((other / "caption_base.json").read_text()) == {room: 0.1}
+    monkeypatch.setattr(ablations, "subprocess", None)  # a launch (training or evaluation) would raise
+    restored = ablations.run_one(other, room, "loop", 2, 256)
+    other_dir, other_cmd = ablations.run_paths(other, room, "loop", 2, 256)
+    assert restored == {**result, "command": other_cmd} and other_cmd != cmd
+    assert ablations.run_transfer(other_dir / "model", other_dir / "transfer_greedy.json", 2, 0.0) is None
+
+
 def test_resume_takes_no_other_flags_and_says_when_the_run_is_finished(tmp_path, capsys):
     """Flags beside --resume would be silently ignored (the run continues with its own): refuse them. A run
     that finished has nothing left: say so and exit 0, before any model loads."""

@@ -13,6 +13,10 @@ the selected cells and how many runs remain. Each run lives in
 OUT/{env}/{variant}/seed{S}/: train.log (stdout), runs/ (TensorBoard and checkpoint; vldac.py runs with that
 directory as its working directory), model/, attempt.json while unfinished, then result.json (and transfer_*.json
 with --transfer).
+--archive DIR keeps what a finished run leaves that is small (result.json, transfer_*.json, the base model's caption
+and transfer files) in DIR as well, with this machine's paths written as {out}, {root}, {python}, and copies it back
+into OUT before anything runs: commit DIR, and a run finished on any machine is never redone (only its model, which
+stays in OUT, is not kept: a transfer evaluation not yet made of such a run cannot be made).
 
 Per env and variant, over seeds (mean +- standard error), from `charts/success_rate` per iteration weighted by the
 number of episodes that ended in it (train.log's `(N episodes)`: MiniWorld ends one or two episodes per iteration,
@@ -45,6 +49,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -431,6 +436,46 @@ def plot(results, env_id, variants, path, target=None):
     return path
 
 
+# --archive: the files kept, relative to OUT (a run's model, log and TensorBoard stay in OUT)
+KEPT = ("caption_base.json", "transfer/*.json", "*/*/seed*/result.json", "*/*/seed*/transfer_*.json")
+_archive_lock = threading.Lock()  # --jobs threads finish runs at once
+
+
+def portable(text, out, to_archive):
+    """A kept file's text with this machine's paths (OUT, the repository, the Python) written as placeholders
+    (to_archive), or the placeholders written as this machine's paths; the longest path first, as one may hold
+    another (OUT inside the repository)."""
+    paths = sorted([(str(out), "{out}"), (str(ROOT), "{root}"), (sys.executable, "{python}")], key=lambda p: -len(p[0]))
+    for here, there in paths:
+        text = text.replace(here, there) if to_archive else text.replace(there, here)
+    return text
+
+
+def write_atomic(path, text):
+    """Write whole or not at all (another invocation may read it at the same time)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def sync_archive(out, archive, to_archive):
+    """--archive: copy the KEPT files from OUT to the archive (to_archive), or those OUT lacks from the archive to
+    OUT; returns how many files were copied."""
+    source, target = (out, archive) if to_archive else (archive, out)
+    copied = 0
+    with _archive_lock:
+        for pattern in KEPT:
+            for path in sorted(source.glob(pattern)):
+                text = portable(path.read_text(), out, to_archive)
+                dest = target / path.relative_to(source)
+                if dest.exists() and (not to_archive or dest.read_text() == text):
+                    continue  # restoring never replaces a file of OUT's own; archiving writes only what changed
+                write_atomic(dest, text)
+                copied += 1
+    return copied
+
+
 def base_captions(out, env_ids):
     """{env id: the base tiny model's caption accuracy}, each measured once and kept in OUT/caption_base.json."""
     base_file = out / "caption_base.json"
@@ -464,8 +509,8 @@ def run_transfer(model, path, episodes, temperature, deadline=None):
     """evaluate.py on TRANSFER_ENVS for one model at one temperature (the caption probe only when sampling, the first
     decoding) in a one-thread child, its JSON at `path` (the cache); None past the deadline, or if it failed."""
     done = transfer_records(path, TRANSFER_ENVS, episodes, temperature)
-    if done or (deadline is not None and time.time() > deadline):
-        return done
+    if done or (deadline is not None and time.time() > deadline) or model != "tiny" and not Path(model).exists():
+        return done  # None for a run restored from --archive whose model stayed on another machine
     cmd = [sys.executable, str(ROOT / "evaluate.py"), "--model-ids", str(model), "--env-ids", *TRANSFER_ENVS,
            "--num-episodes", str(episodes), "--temperature", str(temperature), "--output", str(path)]
     if temperature == 0:
@@ -518,9 +563,10 @@ def transfer_table(base, trained, episodes):
     return "\n".join(rows)
 
 
-def transfer(out, cells, seeds, total_timesteps, episodes, jobs, deadline):
+def transfer(out, cells, seeds, total_timesteps, episodes, jobs, deadline, archive=None):
     """--transfer: every finished model of a TRANSFER_FROM cell and the base model on TRANSFER_ENVS at each decoding
-    (cached; every model sampled first); returns (markdown, evaluations still to do)."""
+    (cached; every model sampled first); returns (markdown, evaluations still to do, how many of those cannot be
+    done here: their run was restored from --archive without its model)."""
     variants = [v for env_id, v in cells if env_id == TRANSFER_FROM]
     models = [(v, s, run_paths(out, TRANSFER_FROM, v, s, total_timesteps)[0]) for v in variants for s in seeds
               if finished(out, TRANSFER_FROM, v, s, total_timesteps)]
@@ -531,14 +577,21 @@ def transfer(out, cells, seeds, total_timesteps, episodes, jobs, deadline):
             for model, stem in evaluated]
     print(f"transfer: {len(evaluated)} models on {' '.join(TRANSFER_ENVS)}, {episodes} episodes each, "
           f"{' and '.join(TRANSFER_DECODING)}", flush=True)
+    def evaluate_and_keep(job):
+        records = run_transfer(*job, deadline)
+        if archive:
+            sync_archive(out, archive, to_archive=True)
+        return records
+
     with ThreadPoolExecutor(jobs) as pool:
-        done = list(pool.map(lambda job: run_transfer(*job, deadline), todo))
+        done = list(pool.map(evaluate_and_keep, todo))
     per_model = [dict(zip(TRANSFER_DECODING, done[i::len(evaluated)])) for i in range(len(evaluated))]
     trained = {v: [] for v in variants}
     for (variant, _, _), records in zip(models, per_model[1:]):
         trained[variant].append(records)
     missing = sum(r is None for r in done) + len(TRANSFER_DECODING) * (len(variants) * len(seeds) - len(models))
-    return transfer_table(per_model[0], trained, episodes), missing
+    lost = sum(r is None and not Path(job[0]).exists() for r, job in zip(done, todo) if job[0] != "tiny")
+    return transfer_table(per_model[0], trained, episodes), missing, lost
 
 
 def main():
@@ -566,6 +619,9 @@ def main():
     parser.add_argument("--figures", type=Path, metavar="DIR", help="also copy the PNGs to DIR (e.g. docs/ablations)")
     parser.add_argument("--out", type=Path, help="(default: runs/ablations, with --grid runs/grid_{GRID}: a grid's "
                         "longer runs must not replace the ablations' runs of the same env and variant)")
+    parser.add_argument("--archive", type=Path, metavar="DIR", help="also keep each finished run's small files "
+                        "(results, transfer evaluations) in DIR, and restore them from there first: commit DIR and "
+                        "no machine redoes a run it holds (e.g. docs/grid/records)")
     parser.add_argument("--probe", nargs=2, help=argparse.SUPPRESS)  # internal: MODEL ENV -> caption accuracy
     parser.add_argument("--transfer-episodes", type=int, default=50, help=argparse.SUPPRESS)  # testing: cheaper
     args = parser.parse_args()
@@ -588,13 +644,26 @@ def main():
 
     start = time.time()
     deadline = start + args.max_minutes * 60 if args.max_minutes is not None else None
+    if args.archive:
+        restored = sync_archive(out, args.archive, to_archive=False)
+        print(f"{restored} files restored from {args.archive}", flush=True)
     caption_before = base_captions(out, env_ids)
     todo = [(env_id, variant, seed) for env_id, variant in cells for seed in args.seeds]  # a cell's seeds together
     print(f"{len(todo)} runs of {steps} env steps, {args.jobs} at a time, in {out}", flush=True)
+
+    def run_and_keep(job):  # a finished run is archived at once: a session may end before the others finish
+        result = run_one(out, *job, steps, deadline)
+        if args.archive:
+            sync_archive(out, args.archive, to_archive=True)
+        return result
+
     with ThreadPoolExecutor(args.jobs) as pool:  # starts jobs in order: a cell's seeds before the next cell's
-        list(pool.map(lambda job: run_one(out, *job, steps, deadline), todo))
-    transfer_text, transfer_left = transfer(out, cells, args.seeds, steps, args.transfer_episodes, args.jobs,
-                                            deadline) if args.transfer else (None, 0)
+        list(pool.map(run_and_keep, todo))
+    transfer_text, transfer_left, transfer_lost = transfer(
+        out, cells, args.seeds, steps, args.transfer_episodes, args.jobs, deadline, args.archive,
+    ) if args.transfer else (None, 0, 0)
+    if args.archive:  # the base captions, when no run finished
+        sync_archive(out, args.archive, to_archive=True)
     wall = time.time() - start
     results = [r for r in (finished(out, *job, steps) for job in todo) if r]  # earlier invocations' too
 
@@ -641,7 +710,9 @@ def main():
             "interval is of the count pooled over seeds (it treats the seeds' episodes as one sample). Caption "
             "accuracy on each env's held-out frames, mean over seeds (the base model's in brackets). "
             f"{transfer_left} evaluations (model and decoding) remain"
-            + (" (rerun to go on)." if transfer_left else ".")])
+            + (" (rerun to go on)" if transfer_left > transfer_lost else "")
+            + (f"; {transfer_lost} of them cannot be made on this machine: their runs were restored from --archive "
+               "without their models" if transfer_lost else "") + "."])
     figures = []
     for env_id in env_ids:
         variants = [v for e, v in cells if e == env_id]
