@@ -690,7 +690,9 @@ def main():
         f"Hardware: {hardware()}.",
         f"Command: python -m benchmarks.ablations {' '.join(sys.argv[1:])}",
     ])
-    if args.grid:
+    compared = args.grid and any(cell(results, env, "vldac") and any(cell(results, env, v) for v in variants)
+                                 for _, variants, envs in COMPARISONS[args.grid] for env in envs)
+    if compared:  # not for a report of cells without VL-DAC or without its baselines (the ladder alone)
         report += "\n\n" + "\n".join([
             "## VL-DAC against each baseline, run for run", "",
             comparison_table(results, COMPARISONS[args.grid]), "",
