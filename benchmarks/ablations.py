@@ -577,7 +577,8 @@ def transfer(out, cells, seeds, total_timesteps, episodes, jobs, deadline, archi
             for model, stem in evaluated]
     print(f"transfer: {len(evaluated)} models on {' '.join(TRANSFER_ENVS)}, {episodes} episodes each, "
           f"{' and '.join(TRANSFER_DECODING)}", flush=True)
-    def evaluate_and_keep(job):
+
+    def evaluate_and_keep(job):  # each evaluation archived as it finishes, like each run
         records = run_transfer(*job, deadline)
         if archive:
             sync_archive(out, archive, to_archive=True)
