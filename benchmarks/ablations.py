@@ -476,6 +476,19 @@ def sync_archive(out, archive, to_archive):
     return copied
 
 
+def archiving(work, out, archive):
+    """work(job), and with --archive the KEPT files archived as each job returns: a session may end before the
+    others finish."""
+
+    def work_and_keep(job):
+        value = work(job)
+        if archive:
+            sync_archive(out, archive, to_archive=True)
+        return value
+
+    return work_and_keep
+
+
 def base_captions(out, env_ids):
     """{env id: the base tiny model's caption accuracy}, each measured once and kept in OUT/caption_base.json."""
     base_file = out / "caption_base.json"
@@ -577,15 +590,8 @@ def transfer(out, cells, seeds, total_timesteps, episodes, jobs, deadline, archi
             for model, stem in evaluated]
     print(f"transfer: {len(evaluated)} models on {' '.join(TRANSFER_ENVS)}, {episodes} episodes each, "
           f"{' and '.join(TRANSFER_DECODING)}", flush=True)
-
-    def evaluate_and_keep(job):  # each evaluation archived as it finishes, like each run
-        records = run_transfer(*job, deadline)
-        if archive:
-            sync_archive(out, archive, to_archive=True)
-        return records
-
     with ThreadPoolExecutor(jobs) as pool:
-        done = list(pool.map(evaluate_and_keep, todo))
+        done = list(pool.map(archiving(lambda job: run_transfer(*job, deadline), out, archive), todo))
     per_model = [dict(zip(TRANSFER_DECODING, done[i::len(evaluated)])) for i in range(len(evaluated))]
     trained = {v: [] for v in variants}
     for (variant, _, _), records in zip(models, per_model[1:]):
@@ -649,22 +655,15 @@ def main():
         restored = sync_archive(out, args.archive, to_archive=False)
         print(f"{restored} files restored from {args.archive}", flush=True)
     caption_before = base_captions(out, env_ids)
+    if args.archive:
+        sync_archive(out, args.archive, to_archive=True)
     todo = [(env_id, variant, seed) for env_id, variant in cells for seed in args.seeds]  # a cell's seeds together
     print(f"{len(todo)} runs of {steps} env steps, {args.jobs} at a time, in {out}", flush=True)
-
-    def run_and_keep(job):  # a finished run is archived at once: a session may end before the others finish
-        result = run_one(out, *job, steps, deadline)
-        if args.archive:
-            sync_archive(out, args.archive, to_archive=True)
-        return result
-
     with ThreadPoolExecutor(args.jobs) as pool:  # starts jobs in order: a cell's seeds before the next cell's
-        list(pool.map(run_and_keep, todo))
+        list(pool.map(archiving(lambda job: run_one(out, *job, steps, deadline), out, args.archive), todo))
     transfer_text, transfer_left, transfer_lost = transfer(
         out, cells, args.seeds, steps, args.transfer_episodes, args.jobs, deadline, args.archive,
     ) if args.transfer else (None, 0, 0)
-    if args.archive:  # the base captions, when no run finished
-        sync_archive(out, args.archive, to_archive=True)
     wall = time.time() - start
     results = [r for r in (finished(out, *job, steps) for job in todo) if r]  # earlier invocations' too
 
